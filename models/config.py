@@ -1,0 +1,96 @@
+"""`ModelConfig`: the one object that describes a decoder-only Transformer."""
+
+import dataclasses
+from typing import Optional
+
+NORMS = ('rmsnorm', 'layernorm')
+MLPS = ('swiglu', 'gelu')
+POSITIONS = ('rope', 'learned')
+ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and options of a decoder-only language model.
+
+  Llama-style models use the defaults; `gpt2_style()` sets the GPT-2 family options.
+  The config is frozen and hashable, so it can be a static argument of `jax.jit`.
+  """
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: Optional[int] = None   # None: = n_heads (MHA); 1: MQA; otherwise GQA
+  head_dim: Optional[int] = None     # None: d_model // n_heads
+  d_ff: int = 512                    # hidden width of the MLP
+  max_len: int = 2048                # learned position table size; longest sequence for RoPE models
+  norm: str = 'rmsnorm'              # one of NORMS
+  norm_eps: float = 1e-6
+  mlp: str = 'swiglu'                # 'swiglu' (gate * act(up) style) or 'gelu' (2-layer MLP)
+  activation: str = 'silu'           # activation inside the MLP, one of ACTIVATIONS
+  position: str = 'rope'             # 'rope' or 'learned' absolute positions
+  rope_theta: float = 10_000.0
+  qkv_bias: bool = False             # biases on q/k/v projections (GPT-2, Qwen2)
+  out_bias: bool = False             # bias on the attention output projection (GPT-2)
+  mlp_bias: bool = False             # biases in the MLP (GPT-2)
+  tie_embeddings: bool = False       # output head reuses the token embedding
+  sliding_window: Optional[int] = None  # attend to the last `sliding_window` positions only
+  n_unique_layers: Optional[int] = None  # None: n_layers; else blocks reused cyclically
+  scan_layers: bool = False          # one nn.scan over layers: compile time independent of depth
+  remat: str = 'none'                # activation checkpointing policy, one of REMAT_POLICIES
+  dtype: str = 'float32'             # compute dtype (bfloat16 on accelerators)
+  param_dtype: str = 'float32'       # storage dtype of parameters
+  attention_impl: str = 'auto'       # 'auto': cuDNN flash on GPU for bf16/fp16, else XLA
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    def check(ok, msg):
+      if not ok:
+        raise ValueError(f'ModelConfig: {msg}')
+    for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'd_ff', 'max_len'):
+      check(getattr(self, name) > 0, f'{name}={getattr(self, name)} must be positive')
+    check(self.head_dim is not None or self.d_model % self.n_heads == 0,
+          f'n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim)')
+    check(self.head_dim is None or self.head_dim > 0, f'head_dim={self.head_dim} must be positive')
+    check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+          f'n_kv_heads={self.n_kv_heads} must be positive and divide n_heads={self.n_heads}')
+    check(self.position != 'rope' or self.head_size % 2 == 0,
+          f'head_dim={self.head_size} must be even for rotary embeddings')
+    check(self.unique_layers > 0 and self.n_layers % self.unique_layers == 0,
+          f'n_unique_layers={self.n_unique_layers} must be positive and divide '
+          f'n_layers={self.n_layers}')
+    check(self.sliding_window is None or self.sliding_window > 0,
+          f'sliding_window={self.sliding_window} must be positive or None')
+    for name, allowed in (('norm', NORMS), ('mlp', MLPS), ('position', POSITIONS),
+                          ('activation', ACTIVATIONS), ('remat', REMAT_POLICIES),
+                          ('attention_impl', ATTENTION_IMPLS), ('dtype', DTYPES),
+                          ('param_dtype', DTYPES)):
+      check(getattr(self, name) in allowed,
+            f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def unique_layers(self) -> int:
+    return self.n_layers if self.n_unique_layers is None else self.n_unique_layers
+
+  def replace(self, **changes) -> 'ModelConfig':
+    return dataclasses.replace(self, **changes)
+
+
+def gpt2_style(**overrides) -> ModelConfig:
+  """GPT-2 family: LayerNorm, learned positions, GELU MLP, biases, tied embeddings."""
+  kwargs = dict(norm='layernorm', norm_eps=1e-5, mlp='gelu', activation='gelu_tanh',
+                position='learned', qkv_bias=True, out_bias=True, mlp_bias=True,
+                tie_embeddings=True)
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)

@@ -1,0 +1,11 @@
+"""Test-wide JAX settings: 8 fake CPU devices, float32 matmuls, strict rank promotion."""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_platforms', 'cpu')
+jax.config.update('jax_numpy_rank_promotion', 'raise')
+jax.config.update('jax_default_matmul_precision', 'highest')
