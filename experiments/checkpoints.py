@@ -1,0 +1,43 @@
+"""Orbax checkpoints of the train state and the data iterator, with fallback past damaged steps."""
+
+import logging
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def manager(workdir, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
+                               item_names=('state', 'data'))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state) -> None:
+  """Starts an (async) save of the train state and the JSON-serialisable data iterator state."""
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave(data_state)), force=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
+  """Restores the newest readable checkpoint as (step, state, data_state), or None if none.
+
+  A checkpoint that fails to restore (damaged or incomplete files) is reported in one line and
+  the next older one is tried, so a crash during a save never loses the run.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return step, restored['state'], restored['data']
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint means "try the previous one"
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
+                      step, type(e).__name__, first_line[:200])
+  return None
+
+
+def abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+

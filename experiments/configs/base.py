@@ -1,0 +1,74 @@
+"""Defaults shared by every experiment config; each config file overrides what it changes."""
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from models.config import ModelConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a config may set, with the defaults of the Shakespeare CPU experiment."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0                      # parameter init, data order and sampling
+  config.num_train_steps = 2000        # optimizer steps
+  config.batch_size = 32               # global batch in rows of data.seq_len tokens
+  config.grad_accum_steps = 1          # microbatches per step (batch_size must divide evenly)
+  config.eval_batch_size = 32          # rows per evaluation batch
+  config.eval_batches = 0              # 0: the whole validation split
+  config.log_every = 50                # steps between progress lines / metric writes
+  config.eval_every = 500              # steps between evaluations (and at the end)
+  config.checkpoint_every = 500        # steps between checkpoints (and at the end / SIGTERM)
+  config.keep_checkpoints = 2          # newest checkpoints kept
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'shakespeare'     # 'shakespeare' (embedded) or a TFDS name: 'lm1b', 'c4/en'
+  config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets)
+  config.data.text_key = 'text'        # feature holding the text
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.tokenizer = 'byte'       # 'byte' (no training) or 'sentencepiece'
+  config.data.vocab_size = 1024        # SentencePiece vocabulary (ignored for bytes)
+  config.data.seq_len = 256            # tokens per training row
+  config.data.shuffle_window = 1024    # rows mixed by the row-level shuffle
+
+  # Every models.ModelConfig field (documented there) may be set or overridden from the command
+  # line; the vocabulary size comes from the tokenizer. Optional ints are typed placeholders.
+  config.model = model_defaults()
+  config.model.d_model = 256
+  config.model.n_layers = 4
+  config.model.n_heads = 4
+  config.model.d_ff = 768
+  config.model.tie_embeddings = True
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.schedule = 'cosine'   # 'cosine' or 'linear' decay after warmup
+  config.optimizer.end_lr_factor = 0.1   # final learning rate as a fraction of the peak
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.95
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.1    # on kernels only (not norms, biases, embeddings)
+  config.optimizer.grad_clip = 1.0       # global-norm clipping
+  config.optimizer.z_loss = 0.0          # weight of the log-partition penalty
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_prompts = 2          # held-out openings continued at each evaluation
+  config.sample.prompt_chars = 64        # characters of each opening used as the prompt
+  config.sample.max_new_tokens = 200
+  config.sample.temperature = 0.8
+  config.sample.top_k = 0                # 0: off
+  config.sample.top_p = 0.95
+  return config
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  """`ModelConfig`'s fields and defaults (but the vocabulary) as a ConfigDict."""
+  model = ml_collections.ConfigDict()
+  for field in dataclasses.fields(ModelConfig):
+    if field.name != 'vocab_size':
+      value = field.default
+      model[field.name] = config_dict.placeholder(int) if value is None else value
+  return model

@@ -1,0 +1,59 @@
+"""Entry point: `python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=DIR`.
+
+Modes: train (default; resumes from the workdir's latest checkpoint), eval, sample (--prompt).
+Kept short: the logic lives in importable modules (`experiments.train`).
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from experiments import train, validate
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, samples.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to do.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for --mode=sample.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def parse_flags(argv):
+  """absl flag parsing, with bad flags and config overrides reported in one line, no traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if isinstance(e, (AttributeError, KeyError)):
+      key = str(e).strip('"\'')
+      culprit = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=')[0]]
+      sys.exit(f'error: unknown config field {key!r} in {culprit[0] if culprit else argv[1:]}')
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    sys.exit(f'error: {lines[-1] if lines else type(e).__name__}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  config, workdir = _CONFIG.value, epath.Path(_WORKDIR.value)
+  try:
+    validate.check(config, workdir, _MODE.value)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if _MODE.value == 'train':
+    signature = workdir / 'model.json'
+    if not signature.exists():
+      signature.write_text(json.dumps(validate.model_signature(config), indent=2))
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    metrics = train.train_and_evaluate(config, workdir)
+    logging.info('final eval: %s', metrics)
+  elif _MODE.value == 'eval':
+    print(json.dumps(train.evaluate(config, workdir), indent=2))
+  else:
+    print(train.sample(config, workdir, _PROMPT.value))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

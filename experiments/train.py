@@ -1,0 +1,170 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, plus `evaluate` and `sample`.
+
+Reads top to bottom: data, model and state, resume, then the loop (step, log, evaluate,
+checkpoint). Everything is importable, so a Colab can call these functions directly.
+"""
+
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from experiments import checkpoints, data, flops, steps
+from experiments.metrics import MetricWriter, Progress
+from models import Transformer, decode
+
+
+class _StopFlag:
+  """Set by SIGTERM (preemption): the loop then checkpoints and returns cleanly."""
+
+  def __init__(self):
+    self.stop = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    self.stop = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def setup(config):
+  """Data preparation, tokenizer, model and optimizer shared by all modes."""
+  data.prepare(config.data)
+  tokenizer = data.get_tokenizer(config.data)
+  model = Transformer(steps.model_config(config, tokenizer.vocab_size))
+  tx = steps.make_optimizer(config.optimizer, config.num_train_steps)
+  return tokenizer, model, tx
+
+
+def _restore_or_init(config, workdir, model, tx, mngr):
+  state = steps.init_state(model, tx, config.seed, config.data.seq_len)
+  restored = checkpoints.restore_latest(mngr, checkpoints.abstract(state))
+  if restored is None:
+    return 0, state, None
+  step, state, data_state = restored
+  logging.info('resumed from the checkpoint at step %d', step)
+  return step, state, data_state
+
+
+def evaluate_params(config, params, model, tokenizer) -> dict:
+  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+  batches = data.eval_batches(config.data, tokenizer, batch_size=config.eval_batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count(), max_batches=config.eval_batches)
+  total = None
+  for batch in batches:
+    sums = steps.eval_step(params, batch, token_bytes, model=model)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  return steps.summarize_eval(jax.device_get(total))
+
+
+def sample_texts(config, params, model, tokenizer, prompts, seed: int = 0):
+  """Continues each prompt text with the sampling settings in `config.sample`."""
+  s = config.sample
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  out = decode.generate(model, params, ids, max_new_tokens=s.max_new_tokens,
+                        rng=jax.random.key(seed), temperature=s.temperature,
+                        top_k=s.top_k or None, top_p=s.top_p, stop_tokens=(tokenizer.eos_id,),
+                        pad_id=tokenizer.pad_id)
+  tokens, lengths = jax.device_get((out.tokens, out.lengths))
+  return [p + tokenizer.decode(list(t[:n])) for p, t, n in zip(prompts, tokens, lengths)]
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  tokenizer, model, tx = setup(config)
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
+  step, state, data_state = _restore_or_init(config, workdir, model, tx, mngr)
+
+  per_host = config.batch_size // jax.process_count()
+  train_iter = data.train_iterator(config.data, tokenizer, batch_size=per_host, seed=config.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  if data_state is not None:
+    train_iter.set_state(data.iterator_state_from_json(data_state['iterator']))
+  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+  writer = MetricWriter(workdir, resume_step=step)
+  flops_per_token = flops.train_flops_per_token(model.config, config.data.seq_len)
+  progress = Progress(config.num_train_steps, step, flops_per_token, flops.device_peak_flops())
+  if step == 0:
+    logging.info('model: %s parameters, %.3g training FLOPs per token',
+                 f'{flops.param_count(state.params):,}', flops_per_token)
+
+  eval_metrics = {}
+  t_last, steps_since = time.perf_counter(), 0
+  tokens_per_step = config.batch_size * config.data.seq_len
+  with _StopFlag() as flag:
+    while step < config.num_train_steps and not flag.stop:
+      batch = next(train_iter)
+      state, metrics = steps.train_step(state, batch, token_bytes, model=model,
+                                        accum_steps=config.grad_accum_steps,
+                                        z_loss=config.optimizer.z_loss)
+      step += 1
+      steps_since += 1
+      if step % config.log_every == 0 or step == config.num_train_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        tokens_per_s = steps_since * tokens_per_step / (now - t_last)
+        t_last, steps_since = now, 0
+        writer.write(step, dict(train_loss=metrics['loss'], train_bits_per_byte=metrics[
+            'bits_per_byte'], grad_norm=metrics['grad_norm'], z_loss=metrics['z_loss'],
+            learning_rate=steps.learning_rate_schedule(config.optimizer,
+                                                       config.num_train_steps)(step - 1),
+            tokens_per_second=tokens_per_s))
+        logging.info(progress.line(step, float(metrics['loss']), tokens_per_s))
+      if step % config.eval_every == 0 or step == config.num_train_steps:
+        eval_metrics = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step)
+        t_last = time.perf_counter()
+      if step % config.checkpoint_every == 0 or step == config.num_train_steps or flag.stop:
+        checkpoints.save(mngr, step, state,
+                         dict(iterator=data.iterator_state_to_json(train_iter.get_state())))
+  mngr.wait_until_finished()
+  writer.close()
+  return eval_metrics
+
+
+def _evaluate_and_sample(config, params, model, tokenizer, writer, step) -> dict:
+  metrics = evaluate_params(config, params, model, tokenizer)
+  writer.write(step, {f'eval_{k}': v for k, v in metrics.items()})
+  logging.info('eval at step %d: loss %.4f, %.4f nats/byte, %.4f bits/byte, perplexity %.2f',
+               step, metrics['loss'], metrics['nats_per_byte'], metrics['bits_per_byte'],
+               metrics['perplexity'])
+  if config.sample.num_prompts:
+    prompts = data.eval_texts(config.data, config.sample.num_prompts)
+    prompts = [p[:config.sample.prompt_chars] for p in prompts]
+    for i, text in enumerate(sample_texts(config, params, model, tokenizer, prompts, seed=step)):
+      logging.info('sample %d at step %d:\n%s', i, step, text)
+      writer.write_text(step, f'sample_{i}', text)
+  return metrics
+
+
+def load_params(config, workdir):
+  """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`."""
+  tokenizer, model, tx = setup(config)
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints, async_save=False)
+  step, state, _ = _restore_or_init(config, workdir, model, tx, mngr)
+  if step == 0:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first')
+  return step, model, tokenizer, state.params
+
+
+def evaluate(config, workdir) -> dict:
+  step, model, tokenizer, params = load_params(config, workdir)
+  metrics = evaluate_params(config, params, model, tokenizer)
+  return dict(step=step, **metrics)
+
+
+def sample(config, workdir, prompt: str, seed: int = 0) -> str:
+  _, model, tokenizer, params = load_params(config, workdir)
+  return sample_texts(config, params, model, tokenizer, [prompt], seed)[0]

@@ -1,0 +1,76 @@
+"""Start-up checks: a bad config or workdir is rejected with one clear line before any work."""
+
+import json
+
+import jax
+from etils import epath
+
+from experiments import data, steps
+
+POSITIVE = ('num_train_steps', 'batch_size', 'grad_accum_steps', 'eval_batch_size', 'log_every',
+            'eval_every', 'checkpoint_every', 'keep_checkpoints')
+SCHEDULES = ('cosine', 'linear')
+
+
+def model_signature(config) -> dict:
+  """What a checkpoint's shapes depend on; a workdir must not mix two of these."""
+  return dict(model=config.model.to_dict(), tokenizer=config.data.tokenizer,
+              vocab_size=config.data.vocab_size if config.data.tokenizer != 'byte' else None)
+
+
+def check(config, workdir, mode: str = 'train') -> None:
+  """Raises ValueError with one line naming the bad value and what is allowed."""
+  for name in POSITIVE:
+    if not isinstance(config[name], int) or config[name] <= 0:
+      raise ValueError(f'config.{name}={config[name]!r} must be a positive integer')
+  if config.eval_batches < 0:
+    raise ValueError(f'config.eval_batches={config.eval_batches} must be >= 0 (0: all)')
+  if config.optimizer.schedule not in SCHEDULES:
+    raise ValueError(f'config.optimizer.schedule={config.optimizer.schedule!r} is not one of '
+                     f'{", ".join(SCHEDULES)}')
+  if config.optimizer.learning_rate <= 0:
+    raise ValueError(f'config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0')
+  data.check_config(config.data)
+  try:
+    steps.model_config(config, vocab_size=config.data.vocab_size)
+  except TypeError as e:   # an unknown field name
+    raise ValueError(f'config.model: {e}') from None
+  devices, accum = jax.device_count(), config.grad_accum_steps
+  if config.batch_size % (devices * accum):
+    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the device '
+                     f'count ({devices}) times grad_accum_steps ({accum})')
+  _check_workdir(config, epath.Path(workdir), mode)
+
+
+def _check_workdir(config, workdir: epath.Path, mode: str) -> None:
+  if mode != 'train':
+    if not (workdir / 'checkpoints').exists():
+      raise ValueError(f'--workdir={workdir} holds no checkpoints: train there first')
+    return
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write_probe'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
+  saved = workdir / 'model.json'
+  current = model_signature(config)
+  if saved.exists():
+    previous = json.loads(saved.read_text())
+    if previous != json.loads(json.dumps(current)):
+      diff = _differences(previous, current)
+      raise ValueError(f'--workdir={workdir} holds a checkpoint of another model ({diff}); '
+                       'use a new workdir')
+
+
+def _differences(old: dict, new: dict, prefix: str = '') -> str:
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      inner = _differences(a, b, f'{prefix}{k}.')
+      out += [inner] if inner else []
+    elif a != b:
+      out.append(f'{prefix}{k}: {a!r} there, {b!r} here')
+  return ', '.join(out)

@@ -1,0 +1,212 @@
+"""Training core: steps, optimizer pieces, checkpoints/resume, CLI, config validation."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from experiments import checkpoints, flops, steps, train, validate
+from experiments.configs import gpt2 as gpt2_configs
+from experiments.configs import shakespeare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir) -> ml_collections.ConfigDict:
+  config = shakespeare.get_config('tiny')
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('tfds')
+
+
+def run_main(*args, workdir, data_dir, wait=True, extra_env=None):
+  cmd = [sys.executable, '-m', 'experiments.main',
+         '--config=experiments/configs/shakespeare.py:tiny', f'--workdir={workdir}',
+         f'--config.data.data_dir={data_dir}', *args]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **(extra_env or {}))
+  env.pop('XLA_FLAGS', None)   # one CPU device in subprocesses
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(workdir):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return {r['step']: r['train_loss'] for r in map(json.loads, lines) if 'train_loss' in r}
+
+
+def test_loss_falls_on_the_tiny_config(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 30
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 5
+  config.eval_every = 30
+  config.checkpoint_every = 30
+  train.train_and_evaluate(config, tmp_path)
+  loss = losses(tmp_path)
+  assert np.mean([loss[s] for s in (26, 27, 28, 29, 30)]) < loss[1] - 1.0
+  assert loss[1] == pytest.approx(np.log(259), abs=0.3)   # uniform over the byte vocabulary
+
+
+def test_gradient_accumulation_equals_one_large_batch(data_dir):
+  config = tiny_config(data_dir)
+  tokenizer, model, tx = train.setup(config)
+  batch = next(train.data.train_iterator(config.data, tokenizer, batch_size=8, seed=0))
+  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+  results = []
+  for accum in (1, 2, 4):
+    state = steps.init_state(model, tx, 0, config.data.seq_len)
+    state, metrics = steps.train_step(state, batch, token_bytes, model=model, accum_steps=accum,
+                                      z_loss=1e-4)
+    results.append((state.params, metrics))
+  for params, metrics in results[1:]:
+    np.testing.assert_allclose(metrics['loss'], results[0][1]['loss'], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(results[0][0])):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_weight_decay_mask_and_schedule():
+  params = {'embed': {'embedding': 1}, 'blocks_0': {'attn_norm': {'scale': 1, 'bias': 1},
+                                                    'mlp': {'up': {'kernel': 1, 'bias': 1}}}}
+  mask = steps.decay_mask(params)
+  assert mask == {'embed': {'embedding': False}, 'blocks_0': {'attn_norm': {'scale': False,
+                  'bias': False}, 'mlp': {'up': {'kernel': True, 'bias': False}}}}
+  opt = shakespeare.get_config().optimizer
+  opt.warmup_steps, opt.learning_rate, opt.end_lr_factor = 10, 1.0, 0.1
+  lr = steps.learning_rate_schedule(opt, 110)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0) and float(lr(110)) == pytest.approx(0.1)
+  assert float(lr(60)) == pytest.approx(0.55, abs=1e-6)   # cosine midpoint
+
+
+def test_flops_formula_matches_the_reference_convention():
+  config = gpt2_configs.get_config('124m')
+  cfg = steps.model_config(config, 50304)
+  model = train.Transformer(cfg)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  flat = traverse_util.flatten_dict(nn.meta.unbox(shapes['params']))
+  total = sum(int(np.prod(v.shape)) for v in flat.values())
+  pos = cfg.max_len * cfg.d_model
+  small = sum(int(np.prod(v.shape)) for k, v in flat.items() if k[-1] in ('bias', 'scale'))
+  # 6 * (params - position table) + 12 * L * d * seq, with norms and biases left out of the 6N.
+  expected = 6 * (total - pos - small) + 12 * cfg.n_layers * cfg.d_model * 1024
+  assert flops.train_flops_per_token(cfg, 1024) == expected
+
+
+def test_sigterm_then_resume_reproduces_every_step(tmp_path, data_dir):
+  common = ['--config.num_train_steps=24', '--config.checkpoint_every=1000',
+            '--config.eval_every=1000', '--config.sample.num_prompts=0']
+  straight = tmp_path / 'straight'
+  assert run_main(*common, workdir=straight, data_dir=data_dir).returncode == 0
+  interrupted = tmp_path / 'interrupted'
+  proc = run_main(*common, workdir=interrupted, data_dir=data_dir, wait=False)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (interrupted / 'metrics.jsonl').exists() and len(losses(interrupted)) >= 8:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  stopped_at = max(losses(interrupted))
+  assert stopped_at < 24, 'the run finished before SIGTERM arrived'
+  assert (interrupted / 'checkpoints' / str(stopped_at)).exists(), out
+  resumed = run_main(*common, workdir=interrupted, data_dir=data_dir)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f'resumed from the checkpoint at step {stopped_at}' in resumed.stderr
+  assert losses(interrupted) == losses(straight)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir, caplog):
+  config = tiny_config(data_dir)
+  config.num_train_steps, config.checkpoint_every, config.eval_every = 10, 5, 100
+  config.sample.num_prompts = 0
+  train.train_and_evaluate(config, tmp_path)
+  latest = tmp_path / 'checkpoints' / '10' / 'state'
+  for f in latest.rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'garbage')
+  tokenizer, model, tx = train.setup(config)
+  mngr = checkpoints.manager(tmp_path, 2, async_save=False)
+  state = steps.init_state(model, tx, 0, config.data.seq_len)
+  with caplog.at_level('WARNING'):
+    step, _, data_state = checkpoints.restore_latest(mngr, checkpoints.abstract(state))
+  assert step == 5 and data_state is not None
+  assert 'checkpoint at step 10 is unreadable' in caplog.text
+
+
+def test_cli_train_eval_sample(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  r = run_main('--config.num_train_steps=3', workdir=workdir, data_dir=data_dir)
+  assert r.returncode == 0, r.stderr
+  assert 'step 3/3' in r.stderr and (workdir / 'checkpoints' / '3').exists()
+  assert (workdir / 'tensorboard').exists() and (workdir / 'model.json').exists()
+  r = run_main('--mode=eval', workdir=workdir, data_dir=data_dir)
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout)
+  assert result['step'] == 3 and 0 < result['nats_per_byte'] < 10
+  r = run_main('--mode=sample', '--prompt=ROMEO:', workdir=workdir, data_dir=data_dir)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith('ROMEO:') and len(r.stdout.strip()) > len('ROMEO:')
+
+
+@pytest.mark.parametrize('change, match', [
+    (dict(batch_size=0), 'config.batch_size=0 must be a positive integer'),
+    (dict(num_train_steps=-5), 'config.num_train_steps=-5'),
+    (dict(model=dict(d_model=33)), 'n_heads=2 must divide d_model=33'),
+    (dict(model=dict(n_kv_heads=3, n_heads=4, d_model=32)), 'n_kv_heads=3'),
+    (dict(model=dict(n_layers=0)), 'n_layers=0 must be positive'),
+    (dict(batch_size=6, grad_accum_steps=4), 'batch_size=6 must be divisible'),
+    (dict(data=dict(name='no_such_dataset')), 'no_such_dataset'),
+    (dict(data=dict(tokenizer='wordpiece')), 'wordpiece'),
+    (dict(optimizer=dict(schedule='step')), "schedule='step'"),
+])
+def test_bad_configs_are_rejected_in_one_line(tmp_path, data_dir, change, match):
+  config = tiny_config(data_dir)
+  for key, value in change.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  with pytest.raises(ValueError, match=match) as info:
+    validate.check(config, tmp_path / 'w')
+  assert '\n' not in str(info.value)
+
+
+def test_bad_workdirs_are_rejected(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match='is not writable'):
+    validate.check(config, blocker / 'run')
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'model.json').write_text(json.dumps(validate.model_signature(config)))
+  validate.check(config, tmp_path / 'old')
+  config.model.d_model = 64
+  with pytest.raises(ValueError, match='holds a checkpoint of another model .*d_model: 32 there'):
+    validate.check(config, tmp_path / 'old')
+
+
+def test_cli_errors_are_one_line(tmp_path, data_dir):
+  r = run_main('--config.model.n_heads=3', workdir=tmp_path / 'a', data_dir=data_dir)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith('error: ModelConfig: n_heads=3')
+  assert 'Traceback' not in r.stderr
+  r = run_main('--config.model.no_such_field=3', workdir=tmp_path / 'b', data_dir=data_dir)
+  assert r.returncode != 0 and 'no_such_field' in r.stderr and 'Traceback' not in r.stderr
