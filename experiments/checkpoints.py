@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state and the data iterator, with fallback past damaged steps."""
 
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -10,7 +11,10 @@ from etils import epath
 def manager(workdir, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
+  directory = str(epath.Path(workdir) / 'checkpoints')
+  if '://' not in directory:   # Orbax wants absolute paths; cloud URIs (gs://...) already are
+    directory = os.path.abspath(directory)
+  return ocp.CheckpointManager(epath.Path(directory), options=options,
                                item_names=('state', 'data'))
 
 

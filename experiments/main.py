@@ -5,6 +5,7 @@ Kept short: the logic lives in importable modules (`experiments.train`).
 """
 
 import json
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -34,7 +35,16 @@ def parse_flags(argv):
     sys.exit(f'error: {lines[-1] if lines else type(e).__name__}')
 
 
+class _OwnInfoOnly(pylogging.Filter):
+  """Keeps warnings from everyone but INFO lines only from this project (libraries are chatty)."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or '/experiments/' in record.pathname or (
+        '/models/' in record.pathname)
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   config, workdir = _CONFIG.value, epath.Path(_WORKDIR.value)

@@ -103,6 +103,6 @@ def eval_step(params, batch, token_bytes, *, model):
 
 def summarize_eval(sums) -> dict:
   tokens, ce = max(float(sums['tokens']), 1.0), float(sums['ce'])
-  return dict(loss=ce / tokens, perplexity=math.exp(min(ce / tokens, 50.0)),
+  return dict(loss=ce / tokens, tokens=tokens, perplexity=math.exp(min(ce / tokens, 50.0)),
               bits_per_byte=ce / math.log(2) / max(float(sums['bytes']), 1.0),
               nats_per_byte=ce / max(float(sums['bytes']), 1.0))

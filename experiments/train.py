@@ -59,7 +59,10 @@ def evaluate_params(config, params, model, tokenizer) -> dict:
   token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
   batches = data.eval_batches(config.data, tokenizer, batch_size=config.eval_batch_size,
                               process_index=jax.process_index(),
-                              process_count=jax.process_count(), max_batches=config.eval_batches)
+                              process_count=jax.process_count(),
+                              max_batches=config.eval_batches or None)
+  if not batches:
+    raise ValueError(f'the eval split {config.data.eval_split!r} of {config.data.name!r} is empty')
   total = None
   for batch in batches:
     sums = steps.eval_step(params, batch, token_bytes, model=model)

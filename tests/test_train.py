@@ -64,6 +64,17 @@ def test_loss_falls_on_the_tiny_config(tmp_path, data_dir):
   assert loss[1] == pytest.approx(np.log(259), abs=0.3)   # uniform over the byte vocabulary
 
 
+def test_eval_batches_zero_means_the_whole_split(data_dir):
+  config = tiny_config(data_dir)
+  config.data.seq_len, config.eval_batch_size, config.eval_batches = 256, 64, 0
+  tokenizer, model, tx = train.setup(config)
+  state = steps.init_state(model, tx, 0, config.data.seq_len)
+  metrics = train.evaluate_params(config, state.params, model, tokenizer)
+  batches = train.data.eval_batches(config.data, tokenizer, batch_size=64)
+  assert metrics['tokens'] == sum(float(b['weights'].sum()) for b in batches) > 400_000
+  assert metrics['nats_per_byte'] == pytest.approx(metrics['loss'], rel=0.02)   # bytes: 1 token each
+
+
 def test_gradient_accumulation_equals_one_large_batch(data_dir):
   config = tiny_config(data_dir)
   tokenizer, model, tx = train.setup(config)
@@ -153,7 +164,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir
 
 def test_cli_train_eval_sample(tmp_path, data_dir):
   workdir = tmp_path / 'run'
-  r = run_main('--config.num_train_steps=3', workdir=workdir, data_dir=data_dir)
+  relative = os.path.relpath(workdir, ROOT)   # as typed by a user; Orbax needs absolute paths
+  r = run_main('--config.num_train_steps=3', workdir=relative, data_dir=data_dir)
   assert r.returncode == 0, r.stderr
   assert 'step 3/3' in r.stderr and (workdir / 'checkpoints' / '3').exists()
   assert (workdir / 'tensorboard').exists() and (workdir / 'model.json').exists()

@@ -5,11 +5,12 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from experiments import data
 from models.config import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field a config may set, with the defaults of the Shakespeare CPU experiment."""
+  """Every field a config may set, with general defaults (config files override them)."""
   config = ml_collections.ConfigDict()
   config.seed = 0                      # parameter init, data order and sampling
   config.num_train_steps = 2000        # optimizer steps
@@ -22,16 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 500        # steps between checkpoints (and at the end / SIGTERM)
   config.keep_checkpoints = 2          # newest checkpoints kept
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = 'shakespeare'     # 'shakespeare' (embedded) or a TFDS name: 'lm1b', 'c4/en'
-  config.data.data_dir = config_dict.placeholder(str)  # TFDS data dir (None: ~/tensorflow_datasets)
-  config.data.text_key = 'text'        # feature holding the text
-  config.data.train_split = 'train'
-  config.data.eval_split = 'validation'
-  config.data.tokenizer = 'byte'       # 'byte' (no training) or 'sentencepiece'
-  config.data.vocab_size = 1024        # SentencePiece vocabulary (ignored for bytes)
-  config.data.seq_len = 256            # tokens per training row
-  config.data.shuffle_window = 1024    # rows mixed by the row-level shuffle
+  config.data = data.default_config()   # fields documented in experiments/data/__init__.py
 
   # Every models.ModelConfig field (documented there) may be set or overridden from the command
   # line; the vocabulary size comes from the tokenizer. Optional ints are typed placeholders.

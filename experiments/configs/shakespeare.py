@@ -1,9 +1,10 @@
-"""Default experiment: a byte-level Llama-style model on the embedded Shakespeare corpus (CPU).
+"""Default experiment: a small Llama-style model on the embedded Shakespeare corpus (CPU).
 
 Command:
   python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=runs/shakespeare
-Variants: `:tiny` (seconds; used by tests).
-Result: see the README's results table (measured on the 2-core CPU development machine).
+Variants: `:bytes` (byte-level tokenizer, same budget), `:tiny` (seconds; used by tests).
+Result (2-core CPU development machine, 2026-11-23): 8 min 20 s wall for the whole command,
+validation loss 1.456 nats/byte (2.10 bits/byte) on the four held-out plays.
 """
 
 import ml_collections
@@ -12,8 +13,21 @@ from experiments.configs.base import base_config
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  config = base_config()   # the defaults are this experiment's settings
-  if arg == 'tiny':
+  config = base_config()
+  # Sized for ~10 minutes on 2 CPU cores. SentencePiece tokens carry ~2.5 bytes each, so at equal
+  # compute the model reads ~2.5x more text than with bytes; the loss is reported per byte.
+  config.num_train_steps = 450
+  config.log_every = 25
+  config.eval_every = 225
+  config.checkpoint_every = 225
+  config.data.tokenizer = 'sentencepiece'
+  config.data.vocab_size = 1024
+  config.data.seq_len = 128
+  config.optimizer.warmup_steps = 50
+  if arg == 'bytes':   # the same budget with the byte-level tokenizer, for comparison
+    config.data.tokenizer = 'byte'
+    config.data.seq_len = 256
+  elif arg == 'tiny':
     config.num_train_steps = 20
     config.batch_size = 8
     config.eval_batch_size = 8
@@ -21,11 +35,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.log_every = 1
     config.eval_every = 10
     config.checkpoint_every = 5
+    config.data.tokenizer = 'byte'
     config.data.seq_len = 64
     config.data.shuffle_window = 64
     config.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=256)
     config.sample.num_prompts = 1
     config.sample.max_new_tokens = 16
   elif arg:
-    raise ValueError(f'unknown variant {arg!r} of shakespeare.py; known: tiny')
+    raise ValueError(f'unknown variant {arg!r} of shakespeare.py; known: bytes, tiny')
   return config

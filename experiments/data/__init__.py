@@ -14,6 +14,7 @@ positions and float32 weights (see `pipeline`).
 from typing import Optional
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.data import pipeline, sources, tokenizers
 from experiments.data.pipeline import iterator_state_from_json, iterator_state_to_json
@@ -31,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The data settings, with defaults that train on the embedded plays."""
   c = ml_collections.ConfigDict()
   c.name = sources.EMBEDDED  # 'shakespeare' (embedded plays) or a TFDS name: 'lm1b', 'c4/en'
-  c.data_dir = None          # prepared data and tokenizer caches; None: ~/tensorflow_datasets
+  c.data_dir = config_dict.placeholder(str)  # data + tokenizer caches; None: ~/tensorflow_datasets
   c.text_key = 'text'        # feature holding the document text
   c.train_split = 'train'    # TFDS split expression, e.g. 'train[:90%]'
   c.eval_split = 'validation'
