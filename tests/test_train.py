@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments import checkpoints, flops, steps, train, validate
+from experiments import benchmark, checkpoints, flops, steps, train, validate
 from experiments.configs import gpt2 as gpt2_configs
+from experiments.configs import llama as llama_configs
 from experiments.configs import shakespeare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -222,3 +223,22 @@ def test_cli_errors_are_one_line(tmp_path, data_dir):
   assert 'Traceback' not in r.stderr
   r = run_main('--config.model.no_such_field=3', workdir=tmp_path / 'b', data_dir=data_dir)
   assert r.returncode != 0 and 'no_such_field' in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('module, variants', [
+    (shakespeare, ['', 'bytes', 'tiny']), (gpt2_configs, ['124m', '350m', 'tiny']),
+    (llama_configs, ['1b', '7b', 'tiny'])])
+def test_every_config_variant_validates(tmp_path, module, variants):
+  for arg in variants:
+    validate.check(module.get_config(arg) if arg else module.get_config(), tmp_path / arg)
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    module.get_config('huge')
+
+
+@pytest.mark.parametrize('module', [gpt2_configs, llama_configs])
+def test_benchmark_runs_the_tiny_variants(module):
+  config = module.get_config('tiny')
+  result = benchmark.benchmark(config, n_steps=2, vocab=config.data.vocab_size)
+  assert result['step_s'] > 0 and result['params'] > 0
+  assert result['tokens_per_s'] == pytest.approx(8 * 64 / result['step_s'])
+  assert result['mfu'] is None   # no known peak for CPUs

@@ -64,3 +64,18 @@ def model_defaults() -> ml_collections.ConfigDict:
       value = field.default
       model[field.name] = config_dict.placeholder(int) if value is None else value
   return model
+
+
+def pretraining_config() -> ml_collections.ConfigDict:
+  """Accelerator pretraining on C4 with a SentencePiece vocabulary (gpt2.py, llama.py)."""
+  config = base_config()
+  config.num_train_steps = 20_000
+  config.batch_size = 64
+  config.log_every = 100
+  config.eval_every = 2000
+  config.checkpoint_every = 1000
+  config.eval_batches = 50             # C4's validation split is large: a fixed sample of it
+  config.data.name = 'c4/en'
+  config.data.tokenizer = 'sentencepiece'
+  config.data.shuffle_window = 4096
+  return config

@@ -9,7 +9,7 @@ Result: not trained to completion yet; the benchmark's figures go in the README.
 
 import ml_collections
 
-from experiments.configs.base import base_config
+from experiments.configs.base import pretraining_config
 
 SHAPES = {  # d_model, n_layers, n_heads
     '124m': (768, 12, 12),
@@ -22,25 +22,16 @@ def get_config(arg: str = '124m') -> ml_collections.ConfigDict:
   if arg not in SHAPES:
     raise ValueError(f'unknown variant {arg!r} of gpt2.py; known: {", ".join(SHAPES)}')
   d, layers, heads = SHAPES[arg]
-  config = base_config()
-  config.num_train_steps = 20_000
-  config.batch_size = 64
-  config.log_every = 100
-  config.eval_every = 2000
-  config.checkpoint_every = 2000
-  config.eval_batches = 50
-  config.data.name = 'c4/en'
-  config.data.tokenizer = 'sentencepiece'
+  config = pretraining_config()
   config.data.vocab_size = 50304        # GPT-2's padded vocabulary size
   config.data.seq_len = 1024
-  config.data.shuffle_window = 4096
   config.model.update(
       d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=None, d_ff=4 * d, max_len=1024,
       norm='layernorm', norm_eps=1e-5, mlp='gelu', activation='gelu_tanh', position='learned',
       qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, dtype='bfloat16')
   config.optimizer.update(learning_rate=6e-4, warmup_steps=700, weight_decay=0.1)
   if arg == 'tiny':
-    config.update(num_train_steps=10, batch_size=4, log_every=1, eval_every=10, eval_batches=1)
+    config.update(num_train_steps=10, batch_size=8, log_every=1, eval_every=10, eval_batches=1)
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
     config.model.update(max_len=64, dtype='float32')
   return config

@@ -9,7 +9,7 @@ Result: not trained yet; 7B needs the FSDP mesh of the sharding work to fit.
 
 import ml_collections
 
-from experiments.configs.base import base_config
+from experiments.configs.base import pretraining_config
 
 SHAPES = {  # d_model, n_layers, n_heads, n_kv_heads, d_ff, tied
     '1b': (2048, 16, 32, 8, 8192, True),
@@ -22,25 +22,16 @@ def get_config(arg: str = '1b') -> ml_collections.ConfigDict:
   if arg not in SHAPES:
     raise ValueError(f'unknown variant {arg!r} of llama.py; known: {", ".join(SHAPES)}')
   d, layers, heads, kv_heads, ff, tied = SHAPES[arg]
-  config = base_config()
-  config.num_train_steps = 20_000
-  config.batch_size = 64
-  config.log_every = 100
-  config.eval_every = 2000
-  config.checkpoint_every = 1000
-  config.eval_batches = 50
-  config.data.name = 'c4/en'
-  config.data.tokenizer = 'sentencepiece'
+  config = pretraining_config()
   config.data.vocab_size = 32000
   config.data.seq_len = 2048
-  config.data.shuffle_window = 4096
   config.model.update(
       d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads, d_ff=ff, max_len=4096,
       rope_theta=500_000.0, norm_eps=1e-5, tie_embeddings=tied, dtype='bfloat16',
       scan_layers=True, remat='dots_no_batch' if arg == '1b' else 'full')
   config.optimizer.update(learning_rate=3e-4, warmup_steps=2000, weight_decay=0.1)
   if arg == 'tiny':
-    config.update(num_train_steps=10, batch_size=4, log_every=1, eval_every=10, eval_batches=1)
+    config.update(num_train_steps=10, batch_size=8, log_every=1, eval_every=10, eval_batches=1)
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
     config.model.update(max_len=128, dtype='float32', remat='none')
   return config

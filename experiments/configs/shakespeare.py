@@ -24,9 +24,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.data.vocab_size = 1024
   config.data.seq_len = 128
   config.optimizer.warmup_steps = 50
-  if arg == 'bytes':   # the same budget with the byte-level tokenizer, for comparison
+  if arg == 'bytes':   # the same model, rows and steps with the byte-level tokenizer
     config.data.tokenizer = 'byte'
-    config.data.seq_len = 256
   elif arg == 'tiny':
     config.num_train_steps = 20
     config.batch_size = 8
