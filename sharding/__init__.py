@@ -1,0 +1,14 @@
+"""Sharding: device meshes from config and logical-axis rules that lay the model out on them.
+
+    mesh = sharding.make_mesh(config.mesh)                 # axes data, fsdp, expert, tensor
+    rules = sharding.rules_for('fsdp')                     # or an explicit list of pairs
+    state = sharding.create_sharded(init_fn, mesh, rules, rng)   # never whole on one device
+    batch = sharding.global_batch(local_rows, mesh, rules)
+    with sharding.activation_rules(mesh, rules):
+      state, metrics = step(state, batch)
+"""
+
+from sharding.layout import (activation_rules, batch_sharding, create_sharded, global_batch,
+                             init_shardings, param_shardings, replicated, sharded_abstract, unbox)
+from sharding.mesh import AXES, default_mesh_config, make_mesh, mesh_shape
+from sharding.rules import BATCH_AXES, PRESETS, rules_for
