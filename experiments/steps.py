@@ -46,10 +46,17 @@ def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
                   weight_decay=opt.weight_decay, mask=decay_mask))
 
 
+def state_init_fn(model: Transformer, tx, seq_len: int):
+  """`rng -> TrainState` with boxed (logically named) params, for `sharding.create_sharded`."""
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return init
+
+
 def init_state(model: Transformer, tx, seed: int, seq_len: int) -> TrainState:
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), tokens)['params'])
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  """An unsharded train state on the default device (tests, benchmarks)."""
+  return nn.meta.unbox(state_init_fn(model, tx, seq_len)(jax.random.key(seed)))
 
 
 def token_losses(logits_BxLxV, targets_BxL, z_loss: float):
@@ -72,7 +79,10 @@ def loss_sums(params, model, batch, z_loss: float):
 @functools.partial(jax.jit, static_argnames=('model', 'accum_steps', 'z_loss'), donate_argnums=0)
 def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int, z_loss: float):
   """One optimizer step on `batch`, split into `accum_steps` microbatches whose grads are summed."""
-  micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+  # Microbatch i takes rows i, i + accum, ...: every microbatch draws from every device's shard
+  # of the batch, so accumulation needs no data movement.
+  micro = jax.tree.map(
+      lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
   def accumulate(carry, mb):

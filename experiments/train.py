@@ -4,6 +4,7 @@ Reads top to bottom: data, model and state, resume, then the loop (step, log, ev
 checkpoint). Everything is importable, so a Colab can call these functions directly.
 """
 
+import functools
 import logging
 import signal
 import time
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+import sharding
 from experiments import checkpoints, data, flops, steps
 from experiments.metrics import MetricWriter, Progress
 from models import Transformer, decode
@@ -45,17 +47,45 @@ def setup(config):
   return tokenizer, model, tx
 
 
-def _restore_or_init(config, workdir, model, tx, mngr):
-  state = steps.init_state(model, tx, config.seed, config.data.seq_len)
-  restored = checkpoints.restore_latest(mngr, checkpoints.abstract(state))
+class Placement:
+  """The mesh, the rules, and the jitted steps with their input/output shardings."""
+
+  def __init__(self, config, model, tx):
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules_for(config.sharding_rules)
+    self.init = steps.state_init_fn(model, tx, config.data.seq_len)
+    self.rng = jax.random.key(config.seed)
+    self.abstract = sharding.sharded_abstract(self.init, self.mesh, self.rules, self.rng)
+    state_sh = jax.tree.map(lambda x: x.sharding, self.abstract)
+    batch_sh, repl = sharding.batch_sharding(self.mesh, self.rules), sharding.replicated(self.mesh)
+    self.train_step = jax.jit(
+        functools.partial(steps.train_step, model=model, accum_steps=config.grad_accum_steps,
+                          z_loss=config.optimizer.z_loss),
+        in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+    self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+                             in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
+
+  def batch(self, local_batch):
+    """This host's rows -> one global batch laid out over the mesh."""
+    return sharding.global_batch(local_batch, self.mesh, self.rules)
+
+  def rules_scope(self):
+    return sharding.activation_rules(self.mesh, self.rules)
+
+
+def _restore_or_init(mngr, placement: Placement):
+  """The newest readable checkpoint, restored straight into the mesh layout, or a fresh state."""
+  restored = checkpoints.restore_latest(mngr, placement.abstract)
   if restored is None:
+    state = sharding.create_sharded(placement.init, placement.mesh, placement.rules,
+                                    placement.rng)
     return 0, state, None
   step, state, data_state = restored
   logging.info('resumed from the checkpoint at step %d', step)
   return step, state, data_state
 
 
-def evaluate_params(config, params, model, tokenizer) -> dict:
+def evaluate_params(config, params, model, tokenizer, placement: Placement) -> dict:
   token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
   batches = data.eval_batches(config.data, tokenizer, batch_size=config.eval_batch_size,
                               process_index=jax.process_index(),
@@ -64,9 +94,10 @@ def evaluate_params(config, params, model, tokenizer) -> dict:
   if not batches:
     raise ValueError(f'the eval split {config.data.eval_split!r} of {config.data.name!r} is empty')
   total = None
-  for batch in batches:
-    sums = steps.eval_step(params, batch, token_bytes, model=model)
-    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  with placement.rules_scope():
+    for batch in batches:
+      sums = placement.eval_step(params, placement.batch(batch), token_bytes)
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return steps.summarize_eval(jax.device_get(total))
 
 
@@ -88,7 +119,8 @@ def train_and_evaluate(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizer, model, tx = setup(config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  step, state, data_state = _restore_or_init(config, workdir, model, tx, mngr)
+  placement = Placement(config, model, tx)
+  step, state, data_state = _restore_or_init(mngr, placement)
 
   per_host = config.batch_size // jax.process_count()
   train_iter = data.train_iterator(config.data, tokenizer, batch_size=per_host, seed=config.seed,
@@ -109,10 +141,9 @@ def train_and_evaluate(config, workdir) -> dict:
   tokens_per_step = config.batch_size * config.data.seq_len
   with _StopFlag() as flag:
     while step < config.num_train_steps and not flag.stop:
-      batch = next(train_iter)
-      state, metrics = steps.train_step(state, batch, token_bytes, model=model,
-                                        accum_steps=config.grad_accum_steps,
-                                        z_loss=config.optimizer.z_loss)
+      batch = placement.batch(next(train_iter))
+      with placement.rules_scope():
+        state, metrics = placement.train_step(state, batch, token_bytes)
       step += 1
       steps_since += 1
       if step % config.log_every == 0 or step == config.num_train_steps:
@@ -127,7 +158,8 @@ def train_and_evaluate(config, workdir) -> dict:
             tokens_per_second=tokens_per_s))
         logging.info(progress.line(step, float(metrics['loss']), tokens_per_s))
       if step % config.eval_every == 0 or step == config.num_train_steps:
-        eval_metrics = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step)
+        eval_metrics = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step,
+                                            placement)
         t_last = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == config.num_train_steps or flag.stop:
         checkpoints.save(mngr, step, state,
@@ -137,8 +169,8 @@ def train_and_evaluate(config, workdir) -> dict:
   return eval_metrics
 
 
-def _evaluate_and_sample(config, params, model, tokenizer, writer, step) -> dict:
-  metrics = evaluate_params(config, params, model, tokenizer)
+def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement) -> dict:
+  metrics = evaluate_params(config, params, model, tokenizer, placement)
   writer.write(step, {f'eval_{k}': v for k, v in metrics.items()})
   logging.info('eval at step %d: loss %.4f, %.4f nats/byte, %.4f bits/byte, perplexity %.2f',
                step, metrics['loss'], metrics['nats_per_byte'], metrics['bits_per_byte'],
@@ -156,18 +188,20 @@ def load_params(config, workdir):
   """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`."""
   tokenizer, model, tx = setup(config)
   mngr = checkpoints.manager(workdir, config.keep_checkpoints, async_save=False)
-  step, state, _ = _restore_or_init(config, workdir, model, tx, mngr)
-  if step == 0:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train first')
-  return step, model, tokenizer, state.params
+  placement = Placement(config, model, tx)
+  restored = checkpoints.restore_latest(mngr, placement.abstract)
+  if restored is None:
+    raise FileNotFoundError(f'no readable checkpoint in {workdir}/checkpoints: train first')
+  step, state, _ = restored
+  return step, model, tokenizer, state.params, placement
 
 
 def evaluate(config, workdir) -> dict:
-  step, model, tokenizer, params = load_params(config, workdir)
-  metrics = evaluate_params(config, params, model, tokenizer)
+  step, model, tokenizer, params, placement = load_params(config, workdir)
+  metrics = evaluate_params(config, params, model, tokenizer, placement)
   return dict(step=step, **metrics)
 
 
 def sample(config, workdir, prompt: str, seed: int = 0) -> str:
-  _, model, tokenizer, params = load_params(config, workdir)
+  _, model, tokenizer, params, _ = load_params(config, workdir)
   return sample_texts(config, params, model, tokenizer, [prompt], seed)[0]

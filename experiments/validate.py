@@ -1,11 +1,14 @@
 """Start-up checks: a bad config or workdir is rejected with one clear line before any work."""
 
 import json
+import math
 
 import jax
 from etils import epath
 
+import sharding
 from experiments import data, steps
+from models import axes
 
 POSITIVE = ('num_train_steps', 'batch_size', 'grad_accum_steps', 'eval_batch_size', 'log_every',
             'eval_every', 'checkpoint_every', 'keep_checkpoints')
@@ -35,10 +38,16 @@ def check(config, workdir, mode: str = 'train') -> None:
     steps.model_config(config, vocab_size=config.data.vocab_size)
   except TypeError as e:   # an unknown field name
     raise ValueError(f'config.model: {e}') from None
-  devices, accum = jax.device_count(), config.grad_accum_steps
-  if config.batch_size % (devices * accum):
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the device '
-                     f'count ({devices}) times grad_accum_steps ({accum})')
+  shape = sharding.mesh_shape(config.mesh, jax.device_count())
+  rules = sharding.rules_for(config.sharding_rules)
+  split = math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
+  accum = config.grad_accum_steps
+  if config.batch_size % (split * accum):
+    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
+                     f'{split} batch shards of the mesh times grad_accum_steps ({accum})')
+  if config.eval_batch_size % split:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
+                     f'the {split} batch shards of the mesh')
   _check_workdir(config, epath.Path(workdir), mode)
 
 

@@ -11,4 +11,4 @@
 from sharding.layout import (activation_rules, batch_sharding, create_sharded, global_batch,
                              init_shardings, param_shardings, replicated, sharded_abstract, unbox)
 from sharding.mesh import AXES, default_mesh_config, make_mesh, mesh_shape
-from sharding.rules import BATCH_AXES, PRESETS, rules_for
+from sharding.rules import BATCH_AXES, PRESETS, mesh_axes_of, rules_for

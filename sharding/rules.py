@@ -154,3 +154,11 @@ def mesh_axes_used(rules: Rules) -> Tuple[str, ...]:
         used.append(name)
   return tuple(used)
 
+
+
+def mesh_axes_of(rules: Rules, logical: str) -> Tuple[str, ...]:
+  """The mesh axes the first rule for `logical` splits it over (() when unsplit)."""
+  for name, value in rules:
+    if name == logical:
+      return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+  return ()

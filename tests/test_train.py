@@ -69,8 +69,9 @@ def test_eval_batches_zero_means_the_whole_split(data_dir):
   config = tiny_config(data_dir)
   config.data.seq_len, config.eval_batch_size, config.eval_batches = 256, 64, 0
   tokenizer, model, tx = train.setup(config)
+  placement = train.Placement(config, model, tx)   # 8-way data parallel on the fake devices
   state = steps.init_state(model, tx, 0, config.data.seq_len)
-  metrics = train.evaluate_params(config, state.params, model, tokenizer)
+  metrics = train.evaluate_params(config, state.params, model, tokenizer, placement)
   batches = train.data.eval_batches(config.data, tokenizer, batch_size=64)
   assert metrics['tokens'] == sum(float(b['weights'].sum()) for b in batches) > 400_000
   assert metrics['nats_per_byte'] == pytest.approx(metrics['loss'], rel=0.02)   # bytes: 1 token each
@@ -242,3 +243,20 @@ def test_benchmark_runs_the_tiny_variants(module):
   assert result['step_s'] > 0 and result['params'] > 0
   assert result['tokens_per_s'] == pytest.approx(8 * 64 / result['step_s'])
   assert result['mfu'] is None   # no known peak for CPUs
+
+
+def test_training_losses_agree_across_meshes(tmp_path, data_dir):
+  results = {}
+  for name, mesh, rules in [('dp8', dict(data=8), 'dp'), ('fsdp', dict(data=2, fsdp=4), 'fsdp'),
+                            ('fsdp8', dict(data=1, fsdp=8), 'fsdp')]:
+    config = tiny_config(data_dir)
+    config.num_train_steps, config.eval_every, config.checkpoint_every = 4, 4, 4
+    config.sample.num_prompts = 0
+    config.mesh.update(mesh)
+    config.sharding_rules = rules
+    train.train_and_evaluate(config, tmp_path / name)
+    results[name] = losses(tmp_path / name)
+  for name in ('fsdp', 'fsdp8'):
+    assert results[name].keys() == results['dp8'].keys()
+    for step, loss in results['dp8'].items():
+      assert results[name][step] == pytest.approx(loss, rel=1e-5)

@@ -6,6 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from experiments import data
+import sharding
 from models.config import ModelConfig
 
 
@@ -22,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every = 500              # steps between evaluations (and at the end)
   config.checkpoint_every = 500        # steps between checkpoints (and at the end / SIGTERM)
   config.keep_checkpoints = 2          # newest checkpoints kept
+
+  config.mesh = sharding.default_mesh_config()   # device mesh axes (fields in sharding/mesh.py)
+  config.sharding_rules = 'dp'         # preset in sharding/rules.py: dp, fsdp, tp, fsdp_tp, ep
 
   config.data = data.default_config()   # fields documented in experiments/data/__init__.py
 
