@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from models import axes
+from models.config import ModelConfig
 
 Dtype = jnp.dtype
 
@@ -122,7 +123,7 @@ ACTIVATION_FNS = {
 
 class Mlp(nn.Module):
   """Gated (SwiGLU: down(act(gate·x) * up·x)) or plain two-layer (down(act(up·x))) MLP."""
-  config: 'ModelConfig'  # noqa: F821 (models.config.ModelConfig)
+  config: ModelConfig
   out_init_std: float = 0.02
 
   @nn.compact

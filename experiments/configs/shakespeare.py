@@ -3,8 +3,8 @@
 Command:
   python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=runs/shakespeare
 Variants: `:bytes` (byte-level tokenizer, same budget), `:tiny` (seconds; used by tests).
-Result (2-core CPU development machine, 2026-11-23): 8 min 20 s wall for the whole command,
-validation loss 1.456 nats/byte (2.10 bits/byte) on the four held-out plays.
+Result (2-core CPU development machine, 2026-11-23): 8 min 36 s wall for the whole command,
+validation loss 1.454 nats/byte (2.10 bits/byte) on the four held-out plays.
 """
 
 import ml_collections
