@@ -237,3 +237,26 @@ def test_presets_decide_every_logical_axis_once_batch_first():
   assert nn.logical_to_mesh_axes(('batch', 'length', 'embed'), fsdp) == P(
       ('data', 'fsdp', 'expert'), None, None)
   assert nn.logical_to_mesh_axes(('expert', 'embed', 'mlp'), ep) == P('expert', 'fsdp', None)
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_others(tmp_path):
+  from experiments import checkpoints   # the training loop's Orbax wrapper
+  source = sharding.make_mesh(dict(data=2, fsdp=4))
+  state = sharding.create_sharded(init_state, source, 'fsdp', jax.random.key(3))
+  mngr = checkpoints.manager(tmp_path, keep=1, async_save=False)
+  checkpoints.save(mngr, 7, state, {'iterator': '{}'})
+  mngr.wait_until_finished()
+  expected = jax.tree.map(np.asarray, state)
+  targets = [(sharding.make_mesh(dict(data=4, fsdp=2)), 'fsdp'),
+             (sharding.make_mesh(dict(data=1), devices=jax.devices()[:1]), 'dp')]
+  for mesh, rules in targets:
+    abstract = sharding.sharded_abstract(init_state, mesh, rules, jax.random.key(3))
+    step, restored, _ = checkpoints.restore_latest(mngr, abstract)
+    assert step == 7
+    for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
+                                 jax.tree.leaves(abstract)):
+      np.testing.assert_array_equal(np.asarray(got), want)
+      assert got.sharding == target.sharding
+    kernel = restored.params['blocks_0']['attn']['query']['kernel']
+    assert len(kernel.sharding.device_set) == mesh.size
+    assert kernel.sharding.shard_shape(kernel.shape)[0] == CFG.d_model // mesh.shape['fsdp']
