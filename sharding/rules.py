@@ -26,76 +26,31 @@ _ACTIVATIONS = (
     (axes.KV_LENGTH, None),
 )
 
-# Pure data parallelism: every device holds every parameter.
-DP_RULES = _ACTIVATIONS + (
-    (axes.VOCAB, None),
-    (axes.EMBED, None),
-    (axes.HEADS, None),
-    (axes.KV_HEADS, None),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, None),
-    (axes.LAYERS, None),
-    (axes.POSITION, None),
-    (axes.EXPERT, None),
-)
 
-# ZeRO-3: parameters, gradients and optimizer state split over `fsdp` along `embed`, which every
-# weight has (embeddings, projections, norms); XLA all-gathers each weight where it is used.
-FSDP_RULES = _ACTIVATIONS + (
-    (axes.VOCAB, None),
-    (axes.EMBED, FSDP),
-    (axes.HEADS, None),
-    (axes.KV_HEADS, None),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, None),
-    (axes.LAYERS, None),
-    (axes.POSITION, None),
-    (axes.EXPERT, None),
-)
+def _table(**split) -> Rules:
+  """A full rule table: the activation rules first, then every other logical axis in
+  `models.axes.ALL` order, split as given in `split` and unsplit otherwise."""
+  first = {name for name, _ in _ACTIVATIONS}
+  return _ACTIVATIONS + tuple((name, split.get(name)) for name in axes.ALL if name not in first)
 
-# Megatron-style tensor parallelism: query heads, the MLP hidden width and the vocabulary split
-# over `tensor`. Key/value heads stay whole: grouped-query models often have fewer of them than
-# `tensor` shards, and they are small (list ('kv_heads', 'tensor') explicitly for MHA models).
-TP_RULES = _ACTIVATIONS + (
-    (axes.VOCAB, TENSOR),
-    (axes.EMBED, None),
-    (axes.HEADS, TENSOR),
-    (axes.KV_HEADS, None),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, TENSOR),
-    (axes.LAYERS, None),
-    (axes.POSITION, None),
-    (axes.EXPERT, None),
-)
 
-# Both: each weight split over `fsdp` along `embed` and over `tensor` along heads/mlp/vocab.
-FSDP_TP_RULES = _ACTIVATIONS + (
-    (axes.VOCAB, TENSOR),
-    (axes.EMBED, FSDP),
-    (axes.HEADS, TENSOR),
-    (axes.KV_HEADS, None),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, TENSOR),
-    (axes.LAYERS, None),
-    (axes.POSITION, None),
-    (axes.EXPERT, None),
-)
+# Each preset names only what it splits.
+PRESETS = {
+    # Pure data parallelism: every device holds every parameter.
+    'dp': _table(),
+    # ZeRO-3: parameters, gradients and optimizer state split over `fsdp` along `embed`, which
+    # every weight has (embeddings, projections, norms); XLA all-gathers each weight where used.
+    'fsdp': _table(embed=FSDP),
+    # Megatron-style tensor parallelism: query heads, the MLP hidden width and the vocabulary
+    # over `tensor`. Key/value heads stay whole: grouped-query models often have fewer of them
+    # than `tensor` shards, and they are small (list ('kv_heads', 'tensor') for MHA models).
+    'tp': _table(vocab=TENSOR, heads=TENSOR, mlp=TENSOR),
+    # Both: each weight split over `fsdp` along `embed` and over `tensor` along heads/mlp/vocab.
+    'fsdp_tp': _table(vocab=TENSOR, embed=FSDP, heads=TENSOR, mlp=TENSOR),
+    # Expert parallelism: MoE experts over `expert`, every weight also split like FSDP.
+    'ep': _table(embed=FSDP, expert=EXPERT),
+}
 
-# Expert parallelism: MoE experts split over `expert`, every weight also split like FSDP.
-EP_RULES = _ACTIVATIONS + (
-    (axes.VOCAB, None),
-    (axes.EMBED, FSDP),
-    (axes.HEADS, None),
-    (axes.KV_HEADS, None),
-    (axes.HEAD_DIM, None),
-    (axes.MLP, None),
-    (axes.LAYERS, None),
-    (axes.POSITION, None),
-    (axes.EXPERT, EXPERT),
-)
-
-PRESETS = {'dp': DP_RULES, 'fsdp': FSDP_RULES, 'tp': TP_RULES, 'fsdp_tp': FSDP_TP_RULES,
-           'ep': EP_RULES}
 
 
 def _fail(msg: str):
