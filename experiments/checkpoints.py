@@ -7,6 +7,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+import sharding
+
 
 def manager(workdir, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -18,8 +20,31 @@ def manager(workdir, keep: int, async_save: bool = True) -> ocp.CheckpointManage
                                item_names=('state', 'data'))
 
 
+def data_state(iterator_json: str) -> dict:
+  """Every process's data-iterator position (JSON) in process order, for `save`.
+
+  Collective: all processes call it. Orbax writes JSON items from process 0 only, so the positions
+  of the other hosts travel to it here.
+  """
+  texts = sharding.allgather_bytes(iterator_json.encode())
+  return dict(iterators=[t.decode() for t in texts])
+
+
+def iterator_json(saved: dict):
+  """This process's iterator position from a restored data state, or None if there is none."""
+  texts = saved.get('iterators', [])
+  if len(texts) == jax.process_count():
+    return texts[jax.process_index()]
+  logging.warning('the checkpoint holds data positions for %d processes but this run has %d: '
+                  'the data order restarts from the seed', len(texts), jax.process_count())
+  return None
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state) -> None:
-  """Starts an (async) save of the train state and the JSON-serialisable data iterator state."""
+  """Starts an (async) save of the train state and the data state from `data_state(...)`.
+
+  Collective: every process calls it with its own shards; Orbax writes them all.
+  """
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           data=ocp.args.JsonSave(data_state)), force=True)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from etils import epath
 
 import sharding
-from experiments import checkpoints, data, flops, steps
+from experiments import checkpoints, data, flops, memory, steps
 from experiments.metrics import MetricWriter, Progress
 from models import Transformer, decode
 
@@ -39,9 +39,20 @@ class _StopFlag:
 
 
 def setup(config):
-  """Data preparation, tokenizer, model and optimizer shared by all modes."""
-  data.prepare(config.data)
-  tokenizer = data.get_tokenizer(config.data)
+  """Data preparation, tokenizer, model and optimizer shared by all modes.
+
+  Process 0 prepares the data and trains the tokenizer first, so hosts sharing a data_dir reuse
+  its files; hosts with their own disks build theirs, and every host must end up with the same
+  tokenizer.
+  """
+  tokenizer = None
+  for turn in ('first', 'rest'):
+    if (jax.process_index() == 0) == (turn == 'first'):
+      data.prepare(config.data)
+      tokenizer = data.get_tokenizer(config.data)
+    sharding.sync(f'data ready ({turn})')
+  sharding.assert_same('the tokenizer', getattr(tokenizer, 'model_proto', b'') +
+                       tokenizer.token_bytes.tobytes())
   model = Transformer(steps.model_config(config, tokenizer.vocab_size))
   tx = steps.make_optimizer(config.optimizer, config.num_train_steps)
   return tokenizer, model, tx
@@ -64,6 +75,18 @@ class Placement:
         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
+    self.replicated, self._batch_sharding = repl, batch_sh
+    self._rows, self._seq_len = config.batch_size, config.data.seq_len
+
+  def compile_train_step(self, vocab_size: int):
+    """The train step compiled ahead of time for the config's batch (to inspect, then call)."""
+    i32 = jax.ShapeDtypeStruct((self._rows, self._seq_len), jnp.int32,
+                               sharding=self._batch_sharding)
+    batch = dict(inputs=i32, targets=i32, positions=i32, segment_ids=i32,
+                 weights=jax.ShapeDtypeStruct(i32.shape, jnp.float32, sharding=i32.sharding))
+    token_bytes = jax.ShapeDtypeStruct((vocab_size,), jnp.float32, sharding=self.replicated)
+    with self.rules_scope():
+      return self.train_step.lower(self.abstract, batch, token_bytes).compile()
 
   def batch(self, local_batch):
     """This host's rows -> one global batch laid out over the mesh."""
@@ -87,7 +110,8 @@ def _restore_or_init(mngr, placement: Placement):
 
 def evaluate_params(config, params, model, tokenizer, placement: Placement) -> dict:
   token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
-  batches = data.eval_batches(config.data, tokenizer, batch_size=config.eval_batch_size,
+  batches = data.eval_batches(config.data, tokenizer,
+                              batch_size=config.eval_batch_size // jax.process_count(),
                               process_index=jax.process_index(),
                               process_count=jax.process_count(),
                               max_batches=config.eval_batches or None)
@@ -126,15 +150,17 @@ def train_and_evaluate(config, workdir) -> dict:
   train_iter = data.train_iterator(config.data, tokenizer, batch_size=per_host, seed=config.seed,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  if data_state is not None:
-    train_iter.set_state(data.iterator_state_from_json(data_state['iterator']))
-  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+  position = None if data_state is None else checkpoints.iterator_json(data_state)
+  if position is not None:
+    train_iter.set_state(data.iterator_state_from_json(position))
+  token_bytes = jax.device_put(jnp.asarray(tokenizer.token_bytes, jnp.float32),
+                               placement.replicated)
   writer = MetricWriter(workdir, resume_step=step)
   flops_per_token = flops.train_flops_per_token(model.config, config.data.seq_len)
   progress = Progress(config.num_train_steps, step, flops_per_token, flops.device_peak_flops())
-  if step == 0:
-    logging.info('model: %s parameters, %.3g training FLOPs per token',
-                 f'{flops.param_count(state.params):,}', flops_per_token)
+  logging.info('model: %s parameters, %.3g training FLOPs per token',
+               f'{flops.param_count(state.params):,}', flops_per_token)
+  train_step = _compile_and_report(config, model, placement, tokenizer.vocab_size)
 
   eval_metrics = {}
   t_last, steps_since = time.perf_counter(), 0
@@ -143,7 +169,7 @@ def train_and_evaluate(config, workdir) -> dict:
     while step < config.num_train_steps and not flag.stop:
       batch = placement.batch(next(train_iter))
       with placement.rules_scope():
-        state, metrics = placement.train_step(state, batch, token_bytes)
+        state, metrics = train_step(state, batch, token_bytes)
       step += 1
       steps_since += 1
       if step % config.log_every == 0 or step == config.num_train_steps:
@@ -162,11 +188,29 @@ def train_and_evaluate(config, workdir) -> dict:
                                             placement)
         t_last = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == config.num_train_steps or flag.stop:
-        checkpoints.save(mngr, step, state,
-                         dict(iterator=data.iterator_state_to_json(train_iter.get_state())))
+        position = data.iterator_state_to_json(train_iter.get_state())
+        checkpoints.save(mngr, step, state, checkpoints.data_state(position))
   mngr.wait_until_finished()
   writer.close()
   return eval_metrics
+
+
+def _compile_and_report(config, model, placement: Placement, vocab_size: int):
+  """Compiles the train step, logging the memory estimate next to XLA's figure for it."""
+  est = memory.estimate(config, model, placement.abstract, placement.mesh, placement.rules)
+  logging.info(est.summary(model.config.remat))
+  logging.info(memory.cost_summary(est))
+  capacity = memory.device_capacity()
+  if capacity and est.total > capacity:
+    logging.warning('the estimate (%s per device) exceeds the device memory (%s): use remat, '
+                    'more fsdp shards or gradient accumulation', memory.human_bytes(est.total),
+                    memory.human_bytes(capacity))
+  compiled = placement.compile_train_step(vocab_size)
+  actual = memory.compiled_bytes(compiled)
+  if actual:
+    logging.info('memory per device (compiled step): %s; estimate/compiled %.2f',
+                 memory.human_bytes(actual), est.total / actual)
+  return compiled
 
 
 def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement) -> dict:

@@ -1,6 +1,7 @@
 """Start-up checks: a bad config or workdir is rejected with one clear line before any work."""
 
 import json
+import os
 import math
 
 import jax
@@ -45,6 +46,10 @@ def check(config, workdir, mode: str = 'train') -> None:
   if config.batch_size % (split * accum):
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
                      f'{split} batch shards of the mesh times grad_accum_steps ({accum})')
+  if split % jax.process_count():
+    raise ValueError(f'the mesh splits the batch {split} ways, which does not divide over '
+                     f'{jax.process_count()} processes: give the data/fsdp/expert axes a '
+                     f'multiple of the process count')
   if config.eval_batch_size % split:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
                      f'the {split} batch shards of the mesh')
@@ -58,7 +63,7 @@ def _check_workdir(config, workdir: epath.Path, mode: str) -> None:
     return
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write_probe'
+    probe = workdir / f'.write_probe.{os.getpid()}'   # hosts may share the workdir
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:

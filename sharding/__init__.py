@@ -1,5 +1,7 @@
-"""Sharding: device meshes from config and logical-axis rules that lay the model out on them.
+"""Sharding: multi-process start-up, device meshes from config, and logical-axis rules that lay
+the model out on them.
 
+    sharding.initialize()                                  # multi-host runs; see distributed.py
     mesh = sharding.make_mesh(config.mesh)                 # axes data, fsdp, expert, tensor
     rules = sharding.rules_for('fsdp')                     # or an explicit list of pairs
     state = sharding.create_sharded(init_fn, mesh, rules, rng)   # never whole on one device
@@ -8,6 +10,7 @@
       state, metrics = step(state, batch)
 """
 
+from sharding.distributed import allgather_bytes, assert_same, initialize, sync
 from sharding.layout import (activation_rules, batch_sharding, create_sharded, global_batch,
                              init_shardings, param_shardings, replicated, sharded_abstract, unbox)
 from sharding.mesh import AXES, default_mesh_config, make_mesh, mesh_shape

@@ -244,7 +244,7 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others(tmp_path):
   source = sharding.make_mesh(dict(data=2, fsdp=4))
   state = sharding.create_sharded(init_state, source, 'fsdp', jax.random.key(3))
   mngr = checkpoints.manager(tmp_path, keep=1, async_save=False)
-  checkpoints.save(mngr, 7, state, {'iterator': '{}'})
+  checkpoints.save(mngr, 7, state, checkpoints.data_state('{}'))
   mngr.wait_until_finished()
   expected = jax.tree.map(np.asarray, state)
   targets = [(sharding.make_mesh(dict(data=4, fsdp=2)), 'fsdp'),

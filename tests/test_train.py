@@ -170,6 +170,7 @@ def test_cli_train_eval_sample(tmp_path, data_dir):
   r = run_main('--config.num_train_steps=3', workdir=relative, data_dir=data_dir)
   assert r.returncode == 0, r.stderr
   assert 'step 3/3' in r.stderr and (workdir / 'checkpoints' / '3').exists()
+  assert 'memory per device (estimate)' in r.stderr and 'estimate/compiled' in r.stderr
   assert (workdir / 'tensorboard').exists() and (workdir / 'model.json').exists()
   r = run_main('--mode=eval', workdir=workdir, data_dir=data_dir)
   assert r.returncode == 0, r.stderr
@@ -240,9 +241,11 @@ def test_every_config_variant_validates(tmp_path, module, variants):
 def test_benchmark_runs_the_tiny_variants(module):
   config = module.get_config('tiny')
   result = benchmark.benchmark(config, n_steps=2, vocab=config.data.vocab_size)
-  assert result['step_s'] > 0 and result['params'] > 0
-  assert result['tokens_per_s'] == pytest.approx(8 * 64 / result['step_s'])
-  assert result['mfu'] is None   # no known peak for CPUs
+  assert result.step_s > 0 and result.params > 0 and result.devices == 8
+  assert result.tokens_per_s == pytest.approx(8 * 64 / result.step_s)
+  assert result.mfu is None   # no known peak for CPUs
+  assert result.compiled_bytes > result.estimate.params
+  assert f'remat {config.model.remat}' in benchmark.report(config, result)
 
 
 def test_training_losses_agree_across_meshes(tmp_path, data_dir):
