@@ -1,10 +1,13 @@
-"""Training throughput: `python -m experiments.benchmark --config=experiments/configs/gpt2.py:124m`.
+"""Training throughput and memory: `python -m experiments.benchmark --config=...gpt2.py:124m`.
 
-Times the jitted train step on synthetic batches of the config's shape (no data pipeline) and
-prints step time, tokens/s, model TFLOP/s (see `experiments/flops.py` for the formula), MFU
-against the device's bf16 peak where known, and peak device memory where the backend reports it.
+Times the train step, jitted on the config's mesh exactly as in training, on synthetic batches
+of the config's shape (no data pipeline), and prints step time, tokens/s, model TFLOP/s (see
+`experiments/flops.py`), MFU against the device's bf16 peak where known, and memory per device:
+the start-up estimate, XLA's figure for the compiled step, and the measured peak where the
+backend reports it. `--remat=none,dots,full` compares activation-checkpointing policies.
 """
 
+import dataclasses
 import time
 
 import jax
@@ -13,13 +16,17 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import flops, steps
+import sharding
+from experiments import flops, memory, steps, train
 from models import Transformer
+from models.transformer import REMAT_POLICIES
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile + warmup step).')
 _VOCAB = flags.DEFINE_integer('vocab_size', 0, 'Vocabulary (0: 259 bytes, or data.vocab_size '
                               'for SentencePiece).')
+_REMAT = flags.DEFINE_list('remat', [], 'Remat policies to compare (default: the config\'s); '
+                           f'any of {", ".join(["none", *REMAT_POLICIES])}.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -32,50 +39,85 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict
               weights=np.ones((batch, seq_len), np.float32))
 
 
-def benchmark(config, n_steps: int, vocab: int) -> dict:
-  """Returns the measured figures for `config`'s model, batch and sequence length."""
+@dataclasses.dataclass
+class Result:
+  device: str
+  devices: int
+  params: int
+  compile_s: float
+  step_s: float
+  tokens_per_s: float
+  tflops_per_s: float
+  mfu: object              # None where the device's peak is unknown
+  estimate: memory.Estimate
+  compiled_bytes: object   # XLA's bytes per device, None where not reported
+  peak_bytes: object       # measured peak per device, None where not reported
+
+
+def benchmark(config, n_steps: int, vocab: int) -> Result:
+  """Measures `config`'s train step on its mesh; `config.batch_size` rows of random tokens."""
   model = Transformer(steps.model_config(config, vocab))
-  tx = steps.make_optimizer(config.optimizer, config.num_train_steps)
-  state = steps.init_state(model, tx, config.seed, config.data.seq_len)
-  batch = jax.device_put(synthetic_batch(config.batch_size, config.data.seq_len, vocab))
-  token_bytes = jnp.ones((vocab,), jnp.float32)
-  run = lambda s: steps.train_step(s, batch, token_bytes, model=model,
-                                   accum_steps=config.grad_accum_steps,
-                                   z_loss=config.optimizer.z_loss)
+  placement = train.Placement(config, model,
+                              steps.make_optimizer(config.optimizer, config.num_train_steps))
+  est = memory.estimate(config, model, placement.abstract, placement.mesh, placement.rules)
+  state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
+  per_process = config.batch_size // jax.process_count()
+  batch = placement.batch(synthetic_batch(per_process, config.data.seq_len, vocab,
+                                          seed=jax.process_index()))
+  token_bytes = jax.device_put(jnp.ones((vocab,), jnp.float32), placement.replicated)
   t0 = time.perf_counter()
-  state, metrics = run(state)
-  jax.block_until_ready(metrics)
+  step = placement.compile_train_step(vocab)
   compile_s = time.perf_counter() - t0
-  state, metrics = run(state)
+  for _ in range(2):   # warm-up: first runs allocate
+    state, metrics = step(state, batch, token_bytes)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for _ in range(n_steps):
-    state, metrics = run(state)
+    state, metrics = step(state, batch, token_bytes)
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - t0) / n_steps
   tokens_per_s = config.batch_size * config.data.seq_len / step_s
   flops_per_token = flops.train_flops_per_token(model.config, config.data.seq_len)
   peak = flops.device_peak_flops()
-  stats = jax.devices()[0].memory_stats() or {}
-  return dict(device=jax.devices()[0].device_kind, params=flops.param_count(state.params),
-              compile_s=compile_s, step_s=step_s, tokens_per_s=tokens_per_s,
-              tflops_per_s=tokens_per_s * flops_per_token / 1e12,
-              mfu=tokens_per_s * flops_per_token / peak if peak else None,
-              peak_memory_gib=stats.get('peak_bytes_in_use', 0) / 2**30 or None)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return Result(device=jax.devices()[0].device_kind, devices=jax.device_count(),
+                params=flops.param_count(state.params), compile_s=compile_s, step_s=step_s,
+                tokens_per_s=tokens_per_s, tflops_per_s=tokens_per_s * flops_per_token / 1e12,
+                mfu=tokens_per_s * flops_per_token / (peak * jax.device_count()) if peak else None,
+                estimate=est, compiled_bytes=memory.compiled_bytes(step),
+                peak_bytes=stats.get('peak_bytes_in_use'))
+
+
+def report(config, r: Result) -> str:
+  mfu = 'n/a (unknown peak)' if r.mfu is None else f'{100 * r.mfu:.1f}%'
+  fmt = lambda n: 'n/a' if not n else memory.human_bytes(n)
+  return (f'remat {config.model.remat:13s} | compile {r.compile_s:5.1f} s | step '
+          f'{1e3 * r.step_s:8.1f} ms | {r.tokens_per_s:10,.0f} tokens/s | '
+          f'{r.tflops_per_s:6.2f} model TFLOP/s | MFU {mfu} | memory/device: estimate '
+          f'{fmt(r.estimate.total)}, compiled {fmt(r.compiled_bytes)}, measured peak '
+          f'{fmt(r.peak_bytes)}')
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   vocab = _VOCAB.value or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
-  r = benchmark(config, _STEPS.value, vocab)
-  print(f"device {r['device']} | params {r['params']:,} | batch {config.batch_size} x "
-        f"{config.data.seq_len} | {config.model.dtype} | remat {config.model.remat}")
-  mfu = 'n/a (unknown peak)' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
-  memory = 'n/a' if r['peak_memory_gib'] is None else f"{r['peak_memory_gib']:.2f} GiB"
-  print(f"compile {r['compile_s']:.1f} s | step {1e3 * r['step_s']:.1f} ms | "
-        f"{r['tokens_per_s']:,.0f} tokens/s | {r['tflops_per_s']:.2f} model TFLOP/s | "
-        f"MFU {mfu} | peak memory {memory}")
+  policies = _REMAT.value or [config.model.remat]
+  for policy in policies:
+    if policy != 'none' and policy not in REMAT_POLICIES:
+      raise app.UsageError(f'--remat: {policy!r} is not one of none, '
+                           f'{", ".join(REMAT_POLICIES)}')
+  mesh = sharding.mesh_shape(config.mesh, jax.device_count())
+  print(f'{jax.device_count()} x {jax.devices()[0].device_kind} | mesh '
+        f'{" ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"} | rules '
+        f'{config.sharding_rules} | batch {config.batch_size} x {config.data.seq_len} | '
+        f'{config.model.dtype} | scan_layers {config.model.scan_layers}')
+  for policy in policies:
+    with config.unlocked():
+      config.model.remat = policy
+    r = benchmark(config, _STEPS.value, vocab)
+    print(report(config, r), flush=True)
+
 
 if __name__ == '__main__':
   app.run(main)

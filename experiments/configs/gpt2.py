@@ -28,10 +28,11 @@ def get_config(arg: str = '124m') -> ml_collections.ConfigDict:
   config.model.update(
       d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=None, d_ff=4 * d, max_len=1024,
       norm='layernorm', norm_eps=1e-5, mlp='gelu', activation='gelu_tanh', position='learned',
-      qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, dtype='bfloat16')
+      qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True, dtype='bfloat16',
+      scan_layers=True, remat='full')   # 64 x 1024 tokens per step fit one 80 GB GPU
   config.optimizer.update(learning_rate=6e-4, warmup_steps=700, weight_decay=0.1)
   if arg == 'tiny':
     config.update(num_train_steps=10, batch_size=8, log_every=1, eval_every=10, eval_batches=1)
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
-    config.model.update(max_len=64, dtype='float32')
+    config.model.update(max_len=64, dtype='float32', remat='none')
   return config

@@ -4,7 +4,7 @@ Command:
   python -m experiments.main --config=experiments/configs/llama.py:1b --workdir=runs/llama_1b
 Throughput only: python -m experiments.benchmark --config=experiments/configs/llama.py:1b
 Variants: `1b` (Llama-3.2-1B-like shape), `7b` (Llama-2-7B shape), `tiny` (CPU-sized, tests).
-Result: not trained yet; 7B needs the FSDP mesh of the sharding work to fit.
+Result: not trained yet. 7B runs FSDP over every device (its state does not fit one GPU).
 """
 
 import ml_collections
@@ -30,6 +30,9 @@ def get_config(arg: str = '1b') -> ml_collections.ConfigDict:
       rope_theta=500_000.0, norm_eps=1e-5, tie_embeddings=tied, dtype='bfloat16',
       scan_layers=True, remat='dots_no_batch' if arg == '1b' else 'full')
   config.optimizer.update(learning_rate=3e-4, warmup_steps=2000, weight_decay=0.1)
+  if arg == '7b':   # 7B parameters + Adam need ~112 GB: shard them over every device (ZeRO-3)
+    config.mesh.update(data=1, fsdp=-1)
+    config.sharding_rules = 'fsdp'
   if arg == 'tiny':
     config.update(num_train_steps=10, batch_size=8, log_every=1, eval_every=10, eval_batches=1)
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
