@@ -2,9 +2,10 @@
 
 Times the train step, jitted on the config's mesh exactly as in training, on synthetic batches
 of the config's shape (no data pipeline), and prints step time, tokens/s, model TFLOP/s (see
-`experiments/flops.py`), MFU against the device's bf16 peak where known, and memory per device:
-the start-up estimate, XLA's figure for the compiled step, and the measured peak where the
-backend reports it. `--remat=none,dots,full` compares activation-checkpointing policies.
+`experiments/flops.py`; MoE models count active parameters), MFU against the device's bf16
+peak where known, and memory per device: the start-up estimate, XLA's figure for the compiled
+step, and the measured peak where the backend reports it. `--remat=none,dots,full` compares
+activation-checkpointing policies.
 """
 
 import dataclasses
@@ -44,6 +45,7 @@ class Result:
   device: str
   devices: int
   params: int
+  active_params: int       # matmul weights a token runs through (MoE: router + k experts)
   compile_s: float
   step_s: float
   tokens_per_s: float
@@ -81,8 +83,10 @@ def benchmark(config, n_steps: int, vocab: int) -> Result:
   peak = flops.device_peak_flops()
   stats = jax.local_devices()[0].memory_stats() or {}
   return Result(device=jax.devices()[0].device_kind, devices=jax.device_count(),
-                params=flops.param_count(state.params), compile_s=compile_s, step_s=step_s,
-                tokens_per_s=tokens_per_s, tflops_per_s=tokens_per_s * flops_per_token / 1e12,
+                params=flops.param_count(state.params),
+                active_params=flops.matmul_params(model.config), compile_s=compile_s,
+                step_s=step_s, tokens_per_s=tokens_per_s,
+                tflops_per_s=tokens_per_s * flops_per_token / 1e12,
                 mfu=tokens_per_s * flops_per_token / (peak * jax.device_count()) if peak else None,
                 estimate=est, compiled_bytes=memory.compiled_bytes(step),
                 peak_bytes=stats.get('peak_bytes_in_use'))
@@ -91,7 +95,8 @@ def benchmark(config, n_steps: int, vocab: int) -> Result:
 def report(config, r: Result) -> str:
   mfu = 'n/a (unknown peak)' if r.mfu is None else f'{100 * r.mfu:.1f}%'
   fmt = lambda n: 'n/a' if not n else memory.human_bytes(n)
-  return (f'remat {config.model.remat:13s} | compile {r.compile_s:5.1f} s | step '
+  return (f'params {r.params / 1e6:.1f}M ({r.active_params / 1e6:.1f}M active matmul) | '
+          f'remat {config.model.remat:13s} | compile {r.compile_s:5.1f} s | step '
           f'{1e3 * r.step_s:8.1f} ms | {r.tokens_per_s:10,.0f} tokens/s | '
           f'{r.tflops_per_s:6.2f} model TFLOP/s | MFU {mfu} | memory/device: estimate '
           f'{fmt(r.estimate.total)}, compiled {fmt(r.compiled_bytes)}, measured peak '

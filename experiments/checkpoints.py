@@ -10,9 +10,12 @@ from etils import epath
 import sharding
 
 
-def manager(workdir, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=async_save)
+def manager(workdir, keep: int, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The workdir's checkpoint manager; `read_only` for sources that must never change."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=async_save,
+                                         read_only=read_only)
   directory = str(epath.Path(workdir) / 'checkpoints')
   if '://' not in directory:   # Orbax wants absolute paths; cloud URIs (gs://...) already are
     directory = os.path.abspath(directory)

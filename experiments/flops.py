@@ -2,7 +2,8 @@
 
 Model FLOPs per token (training) = 6 * N + 12 * layers * heads * head_dim * context, where N is
 the number of parameters multiplied per token (every applied layer's weights, shared blocks
-counted once per use, and the output head; position tables excluded) and context is the
+counted once per use, only the active experts of MoE layers, and the output head; position
+tables excluded) and context is the
 attended length (the sliding window if shorter). The second term is the attention score and
 value matmuls, forward and backward. Forward-only (inference) FLOPs are a third of this.
 """
@@ -30,11 +31,19 @@ PEAK_BF16_FLOPS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Weights multiplied per token: applied blocks (shared ones per use) plus the output head."""
-  d, h, f, v = cfg.d_model, cfg.head_size, cfg.d_ff, cfg.vocab_size
+  """Weights multiplied per token: applied blocks (shared ones per use) plus the output head.
+
+  MoE layers count their router and the k experts (plus shared experts) a token runs through:
+  the active parameters, not all of them.
+  """
+  d, h, v = cfg.d_model, cfg.head_size, cfg.vocab_size
   attn = d * h * (cfg.n_heads * 2 + cfg.kv_heads * 2)
-  mlp = d * f * (3 if cfg.mlp == 'swiglu' else 2)
-  return cfg.n_layers * (attn + mlp) + d * v
+  per_mlp = lambda width: d * width * (3 if cfg.mlp == 'swiglu' else 2)
+  moe = d * cfg.n_experts + per_mlp(cfg.expert_d_ff) * (cfg.experts_per_token +
+                                                        cfg.n_shared_experts)
+  mlps = [moe if cfg.is_moe_layer(i % cfg.unique_layers) else per_mlp(cfg.d_ff)
+          for i in range(cfg.n_layers)]
+  return cfg.n_layers * attn + sum(mlps) + d * v
 
 
 def param_count(params) -> int:

@@ -87,12 +87,14 @@ def _abstract_params(model: Transformer, seq_len: int):
 
 def _one_block_bytes(model: Transformer, rows: int, seq_len: int) -> int:
   """Residuals of one block without remat: what recomputing a block holds at once."""
+  group = model.config.moe_every if model.config.n_experts else 1   # MoE and dense blocks alike
+
   def residuals(n_layers):
     cfg = dataclasses.replace(model.config, n_layers=n_layers, n_unique_layers=None,
                               remat='none')
     small = Transformer(cfg)
     return _residual_bytes(small, _abstract_params(small, seq_len), rows, seq_len)
-  return residuals(2) - residuals(1)
+  return (residuals(2 * group) - residuals(group)) // group
 
 
 def batch_shards(mesh, rules) -> int:

@@ -10,7 +10,11 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from models import ModelConfig, Transformer
+from compression import schedules
+from models import ModelConfig, Transformer, moe
+
+MOE_METRICS = ('moe_aux_loss', 'moe_z_loss', 'router_entropy', 'dropped', 'expert_load',
+               'expert_load_per_layer')
 
 TrainState = train_state.TrainState
 
@@ -39,11 +43,17 @@ def decay_mask(params):
   return traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
 
 
-def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
+def make_optimizer(opt, num_steps: int, pruning=None) -> optax.GradientTransformation:
+  """AdamW with clipping; with `pruning.final_sparsity > 0`, gradual magnitude pruning on top."""
+  tx = optax.chain(
       optax.clip_by_global_norm(opt.grad_clip),
       optax.adamw(learning_rate_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                   weight_decay=opt.weight_decay, mask=decay_mask))
+  if pruning is not None and pruning.final_sparsity > 0:
+    tx = schedules.gradual(tx, pruning.final_sparsity, pruning.start_step,
+                           pruning.end_step or num_steps, pruning.every,
+                           include=pruning.include or None)
+  return tx
 
 
 def state_init_fn(model: Transformer, tx, seq_len: int):
@@ -67,39 +77,70 @@ def token_losses(logits_BxLxV, targets_BxL, z_loss: float):
   return ce_BxL, z_loss * jnp.square(lse_BxL)
 
 
-def loss_sums(params, model, batch, z_loss: float):
-  """Summed (not averaged) losses, so microbatches combine exactly into one large batch."""
-  logits = model.apply({'params': params}, batch['inputs'], positions=batch['positions'],
-                       segment_ids=batch['segment_ids'])
+def loss_sums(params, model, batch, z_loss: float, rng=None):
+  """Summed (not averaged) losses, so microbatches combine exactly into one large batch.
+
+  MoE models add their router losses (`router_aux_weight`, `router_z_weight`, per token) and
+  report router statistics, token-weighted like the losses: moe_aux_loss, moe_z_loss,
+  router_entropy, dropped (fraction of assignments), expert_load [E], expert_load_per_layer.
+  `rng` drives router jitter where the model has it.
+  """
+  cfg = model.config
+  inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
+  stats = {}
+  if cfg.n_experts:
+    rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
+    logits, state = model.apply({'params': params}, batch['inputs'], mutable=['moe'], rngs=rngs,
+                                **inputs)
+    stats = moe.summarize(state['moe'])
+  else:
+    logits = model.apply({'params': params}, batch['inputs'], **inputs)
   ce, z = token_losses(logits, batch['targets'], z_loss)
   w = batch['weights']
-  return jnp.sum((ce + z) * w), dict(ce=jnp.sum(ce * w), z=jnp.sum(z * w), tokens=jnp.sum(w))
+  tokens = jnp.sum(w)
+  total = jnp.sum((ce + z) * w)
+  sums = dict(ce=jnp.sum(ce * w), z=jnp.sum(z * w), tokens=tokens)
+  if stats:
+    total += tokens * (cfg.router_aux_weight * stats['aux_loss'] +
+                       cfg.router_z_weight * stats['z_loss'])
+    sums.update(moe_aux_loss=stats['aux_loss'], moe_z_loss=stats['z_loss'],
+                router_entropy=stats['entropy'], dropped=stats['dropped'],
+                expert_load=stats['load'], expert_load_per_layer=stats['load_per_layer'])
+    sums.update({k: tokens * v for k, v in sums.items() if k not in ('ce', 'z', 'tokens')})
+  return total, sums
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'accum_steps', 'z_loss'), donate_argnums=0)
-def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int, z_loss: float):
+@functools.partial(jax.jit, static_argnames=('model', 'accum_steps', 'z_loss', 'seed'),
+                   donate_argnums=0)
+def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int, z_loss: float,
+               seed: int = 0):
   """One optimizer step on `batch`, split into `accum_steps` microbatches whose grads are summed."""
   # Microbatch i takes rows i, i + accum, ...: every microbatch draws from every device's shard
   # of the batch, so accumulation needs no data movement.
   micro = jax.tree.map(
       lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
   grad_fn = jax.grad(loss_sums, has_aux=True)
+  step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-  def accumulate(carry, mb):
+  def accumulate(carry, mb_and_index):
+    mb, i = mb_and_index
     grads, sums = carry
-    g, s = grad_fn(state.params, model, mb, z_loss)
+    g, s = grad_fn(state.params, model, mb, z_loss, jax.random.fold_in(step_rng, i))
     s['bytes'] = jnp.sum(token_bytes[mb['targets']] * mb['weights'])
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, state.params),
-           dict(ce=0.0, z=0.0, tokens=0.0, bytes=0.0))
-  (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda: grad_fn(state.params, model, first, z_loss, step_rng)[1])
+  zero_sums = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), bytes=0.0)
+  zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
   n = jnp.maximum(sums['tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads)
   state = state.apply_gradients(grads=grads)
   metrics = dict(loss=sums['ce'] / n, z_loss=sums['z'] / n, grad_norm=optax.tree.norm(grads),
                  bits_per_byte=sums['ce'] / math.log(2) / jnp.maximum(sums['bytes'], 1.0),
                  tokens=sums['tokens'])
+  metrics.update({k: v / n for k, v in sums.items() if k in MOE_METRICS})
   return state, metrics
 
 

@@ -54,7 +54,7 @@ def setup(config):
   sharding.assert_same('the tokenizer', getattr(tokenizer, 'model_proto', b'') +
                        tokenizer.token_bytes.tobytes())
   model = Transformer(steps.model_config(config, tokenizer.vocab_size))
-  tx = steps.make_optimizer(config.optimizer, config.num_train_steps)
+  tx = steps.make_optimizer(config.optimizer, config.num_train_steps, config.get('pruning'))
   return tokenizer, model, tx
 
 
@@ -71,7 +71,7 @@ class Placement:
     batch_sh, repl = sharding.batch_sharding(self.mesh, self.rules), sharding.replicated(self.mesh)
     self.train_step = jax.jit(
         functools.partial(steps.train_step, model=model, accum_steps=config.grad_accum_steps,
-                          z_loss=config.optimizer.z_loss),
+                          z_loss=config.optimizer.z_loss, seed=config.seed),
         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
@@ -158,8 +158,10 @@ def train_and_evaluate(config, workdir) -> dict:
   writer = MetricWriter(workdir, resume_step=step)
   flops_per_token = flops.train_flops_per_token(model.config, config.data.seq_len)
   progress = Progress(config.num_train_steps, step, flops_per_token, flops.device_peak_flops())
-  logging.info('model: %s parameters, %.3g training FLOPs per token',
-               f'{flops.param_count(state.params):,}', flops_per_token)
+  active = (f' ({flops.matmul_params(model.config):,} matmul weights active per token)'
+            if model.config.n_experts else '')
+  logging.info('model: %s parameters%s, %.3g training FLOPs per token',
+               f'{flops.param_count(state.params):,}', active, flops_per_token)
   train_step = _compile_and_report(config, model, placement, tokenizer.vocab_size)
 
   eval_metrics = {}
@@ -181,8 +183,12 @@ def train_and_evaluate(config, workdir) -> dict:
             'bits_per_byte'], grad_norm=metrics['grad_norm'], z_loss=metrics['z_loss'],
             learning_rate=steps.learning_rate_schedule(config.optimizer,
                                                        config.num_train_steps)(step - 1),
-            tokens_per_second=tokens_per_s))
+            tokens_per_second=tokens_per_s, **_moe_scalars(metrics)))
         logging.info(progress.line(step, float(metrics['loss']), tokens_per_s))
+        if 'expert_load' in metrics and (step == config.num_train_steps or flag.stop):
+          report = expert_load_report(metrics['expert_load_per_layer'])
+          logging.info('expert load at step %d (share of routed tokens):\n%s', step, report)
+          writer.write_text(step, 'expert_load', report)
       if step % config.eval_every == 0 or step == config.num_train_steps:
         eval_metrics = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step,
                                             placement)
@@ -193,6 +199,26 @@ def train_and_evaluate(config, workdir) -> dict:
   mngr.wait_until_finished()
   writer.close()
   return eval_metrics
+
+
+def _moe_scalars(metrics) -> dict:
+  """Router statistics of an MoE step as scalars ({} for a dense model)."""
+  if 'expert_load' not in metrics:
+    return {}
+  out = dict(moe_aux_loss=metrics['moe_aux_loss'], moe_z_loss=metrics['moe_z_loss'],
+             router_entropy=metrics['router_entropy'], dropped_fraction=metrics['dropped'])
+  out.update({f'expert_load/{e}': v for e, v in enumerate(metrics['expert_load'])})
+  return out
+
+
+def expert_load_report(load_per_layer) -> str:
+  """One line per MoE layer: each expert's share of the routed tokens, with a bar."""
+  lines = []
+  for layer, load in enumerate(load_per_layer):
+    cells = ' '.join(f'{100 * x:5.1f}%' for x in load)
+    bars = ''.join(' ▁▂▃▄▅▆▇█'[min(8, int(x * len(load) * 4))] for x in load)
+    lines.append(f'layer {layer}: {cells}  {bars}')
+  return '\n'.join(lines)
 
 
 def _compile_and_report(config, model, placement: Placement, vocab_size: int):
@@ -231,7 +257,7 @@ def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placeme
 def load_params(config, workdir):
   """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`."""
   tokenizer, model, tx = setup(config)
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints, async_save=False)
+  mngr = checkpoints.manager(workdir, config.keep_checkpoints, async_save=False, read_only=True)
   placement = Placement(config, model, tx)
   restored = checkpoints.restore_latest(mngr, placement.abstract)
   if restored is None:

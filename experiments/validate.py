@@ -50,6 +50,11 @@ def check(config, workdir, mode: str = 'train') -> None:
     raise ValueError(f'the mesh splits the batch {split} ways, which does not divide over '
                      f'{jax.process_count()} processes: give the data/fsdp/expert axes a '
                      f'multiple of the process count')
+  experts, expert_split = config.model.get('n_experts') or 0, math.prod(
+      shape[a] for a in sharding.mesh_axes_of(rules, axes.EXPERT))
+  if experts and experts % expert_split:
+    raise ValueError(f'config.model.n_experts={experts} does not divide over the '
+                     f'{expert_split} expert shards of the mesh')
   if config.eval_batch_size % split:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
                      f'the {split} batch shards of the mesh')

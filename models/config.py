@@ -10,6 +10,7 @@ ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
+MOE_DISPATCHES = ('dropless', 'capacity')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,17 @@ class ModelConfig:
   param_dtype: str = 'float32'       # storage dtype of parameters
   attention_impl: str = 'auto'       # 'auto': cuDNN flash on GPU for bf16/fp16, else XLA
   init_std: float = 0.02
+  # Mixture-of-Experts (models/moe.py); n_experts=0 is a dense model.
+  n_experts: int = 0                 # experts per MoE layer
+  experts_per_token: int = 2         # k: 1 Switch-style, 2 Mixtral-style
+  moe_every: int = 1                 # every n-th layer is MoE (layers n-1, 2n-1, ...)
+  moe_d_ff: Optional[int] = None     # hidden width of each expert (None: d_ff)
+  n_shared_experts: int = 0          # experts of width moe_d_ff applied to every token
+  moe_dispatch: str = 'dropless'     # 'dropless' (grouped matmuls) or 'capacity' (drops overflow)
+  capacity_factor: float = 1.25      # capacity path: slots per expert = factor * S * k / E
+  router_jitter: float = 0.0         # training: router input scaled by U(1-j, 1+j)
+  router_aux_weight: float = 0.01    # load-balancing loss weight in the training loss
+  router_z_weight: float = 0.001     # router z-loss weight in the training loss
 
   def __post_init__(self):
     def check(ok, msg):
@@ -64,12 +76,40 @@ class ModelConfig:
           f'n_layers={self.n_layers}')
     check(self.sliding_window is None or self.sliding_window > 0,
           f'sliding_window={self.sliding_window} must be positive or None')
-    for name, allowed in (('norm', NORMS), ('mlp', MLPS), ('position', POSITIONS),
+    if self.n_experts:
+      self._check_moe(check)
+    else:
+      check(self.n_experts == 0, f'n_experts={self.n_experts} must be >= 0 (0: dense)')
+    for name, allowed in (('moe_dispatch', MOE_DISPATCHES), ('norm', NORMS), ('mlp', MLPS),
+                          ('position', POSITIONS),
                           ('activation', ACTIVATIONS), ('remat', REMAT_POLICIES),
                           ('attention_impl', ATTENTION_IMPLS), ('dtype', DTYPES),
                           ('param_dtype', DTYPES)):
       check(getattr(self, name) in allowed,
             f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
+
+  def _check_moe(self, check):
+    e, k = self.n_experts, self.experts_per_token
+    check(e > 0, f'n_experts={e} must be >= 0 (0: dense)')
+    check(1 <= k <= e, f'experts_per_token={k} must be between 1 and n_experts={e}')
+    check(self.capacity_factor > 0, f'capacity_factor={self.capacity_factor} must be > 0')
+    check(self.moe_every >= 1, f'moe_every={self.moe_every} must be >= 1')
+    check(self.moe_d_ff is None or self.moe_d_ff > 0, f'moe_d_ff={self.moe_d_ff} must be > 0')
+    check(self.n_shared_experts >= 0, f'n_shared_experts={self.n_shared_experts} must be >= 0')
+    check(0 <= self.router_jitter < 1, f'router_jitter={self.router_jitter} must be in [0, 1)')
+    check(not self.mlp_bias, 'mlp_bias is not supported with experts (n_experts > 0)')
+    check(self.unique_layers % self.moe_every == 0,
+          f'moe_every={self.moe_every} must divide the {self.unique_layers} unique layers')
+    check(not self.scan_layers or self.moe_every == 1,
+          f'scan_layers needs every layer alike: moe_every={self.moe_every} must be 1')
+
+  def is_moe_layer(self, block: int) -> bool:
+    """Whether unique block `block` has an MoE feed-forward."""
+    return self.n_experts > 0 and block % self.moe_every == self.moe_every - 1
+
+  @property
+  def expert_d_ff(self) -> int:
+    return self.d_ff if self.moe_d_ff is None else self.moe_d_ff
 
   @property
   def kv_heads(self) -> int:

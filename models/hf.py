@@ -53,10 +53,16 @@ def from_pretrained(path, **overrides):
 def _load_params(path: pathlib.Path, arch: Architecture, cfg: ModelConfig) -> dict:
   """Reads, checks and converts the checkpoint's tensors into an unrolled parameter tree."""
   shapes = _param_shapes(cfg)
-  tensors = _checked_tensors(arch, cfg, shapes)
   ckpt = hf_files.Checkpoint(path)
   names = _checkpoint_names(ckpt, arch)
-  expected = {t.name: _hf_shape(t, shapes) for t in tensors}
+  for layout in (arch.tensors,) + arch.other_layouts:   # the first one the checkpoint has
+    tensors = _checked_tensors(arch, cfg, shapes, layout)
+    expected = {t.name: _hf_shape(t, shapes) for t in tensors}
+    if not set(expected) - set(names):
+      break
+  else:
+    tensors = _checked_tensors(arch, cfg, shapes)
+    expected = {t.name: _hf_shape(t, shapes) for t in tensors}
   missing = sorted(set(expected) - set(names))
   if missing:
     raise ValueError(f'{path}: checkpoint lacks {len(missing)} tensor(s) that config.json implies: '
@@ -68,7 +74,7 @@ def _load_params(path: pathlib.Path, arch: Architecture, cfg: ModelConfig) -> di
     raise ValueError(f'{path}: checkpoint has {len(unexpected)} unexpected tensor(s) for '
                      f'{arch.name}: {_list(unexpected)}')
   dtype = jnp.dtype(cfg.param_dtype)
-  flat = {}
+  flat, expert_slices = {}, {}
   for t in tensors:
     found = ckpt.shape(names[t.name])
     if found != expected[t.name]:
@@ -76,7 +82,12 @@ def _load_params(path: pathlib.Path, arch: Architecture, cfg: ModelConfig) -> di
                        f'{expected[t.name]} from config.json')
     array = np.asarray(ckpt.get(names[t.name])).astype(dtype, copy=False)
     for leaf, part in zip(t.leaves, _from_hf(t, array, shapes)):
-      flat[tuple(leaf.split('/'))] = jnp.asarray(part)
+      if t.expert is None:
+        flat[tuple(leaf.split('/'))] = jnp.asarray(part)
+      else:
+        expert_slices.setdefault(leaf, {})[t.expert] = part
+  for leaf, parts in expert_slices.items():
+    flat[tuple(leaf.split('/'))] = jnp.asarray(np.stack([parts[e] for e in sorted(parts)]))
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -120,6 +131,8 @@ def save_pretrained(model: Transformer, params, path, architecture: Optional[str
   tensors = {}
   for t in _checked_tensors(arch, unrolled, shapes):
     arrays = [np.asarray(jax.device_get(flat[leaf])).astype(dtype, copy=False) for leaf in t.leaves]
+    if t.expert is not None:
+      arrays = [a[t.expert] for a in arrays]
     tensors[t.name] = _to_hf(t, arrays)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -164,17 +177,26 @@ def _param_shapes(cfg: ModelConfig) -> dict:
   return {'/'.join(k): tuple(v.shape) for k, v in flat.items()}
 
 
-def _checked_tensors(arch: Architecture, cfg: ModelConfig, shapes: dict):
+def _checked_tensors(arch: Architecture, cfg: ModelConfig, shapes: dict, layout=None):
   """The architecture's tensor map, checked to cover every parameter exactly once."""
-  tensors = arch.tensors(cfg)
-  leaves = [leaf for t in tensors for leaf in t.leaves]
-  if sorted(leaves) != sorted(shapes):
+  tensors = (layout or arch.tensors)(cfg)
+  leaves = sorted({leaf for t in tensors for leaf in t.leaves})   # expert slices share a leaf
+  if leaves != sorted(shapes):
     odd = sorted(set(leaves) ^ set(shapes))
     raise ValueError(f'{arch.name} tensor map does not match the model parameters: {_list(odd)}')
   return tensors
 
 
+def _slice_shapes(t: Tensor, shapes: dict) -> dict:
+  """Leaf shapes as this tensor sees them: one expert's slice where it holds one."""
+  return shapes if t.expert is None else {leaf: shapes[leaf][1:] for leaf in t.leaves}
+
+
 def _hf_shape(t: Tensor, shapes: dict) -> tuple:
+  shapes = _slice_shapes(t, shapes)
+  if t.layout == 'experts':   # [experts, out, in] from leaves [experts, in, out]
+    e, n_in = shapes[t.leaves[0]][:2]
+    return (e, sum(shapes[leaf][2] for leaf in t.leaves), n_in)
   if t.layout == 'vector':
     return (sum(math.prod(shapes[leaf]) for leaf in t.leaves),)
   n_in = math.prod(shapes[t.leaves[0]][:t.n_in])
@@ -183,6 +205,8 @@ def _hf_shape(t: Tensor, shapes: dict) -> tuple:
 
 
 def _to_hf(t: Tensor, arrays) -> np.ndarray:
+  if t.layout == 'experts':
+    return np.ascontiguousarray(np.concatenate(arrays, axis=2).transpose(0, 2, 1))
   if t.layout == 'vector':
     return np.concatenate([a.reshape(-1) for a in arrays])
   m = np.concatenate([a.reshape(math.prod(a.shape[:t.n_in]), -1) for a in arrays], axis=1)
@@ -190,6 +214,11 @@ def _to_hf(t: Tensor, arrays) -> np.ndarray:
 
 
 def _from_hf(t: Tensor, array: np.ndarray, shapes: dict):
+  shapes = _slice_shapes(t, shapes)
+  if t.layout == 'experts':
+    sizes = [shapes[leaf][2] for leaf in t.leaves]
+    parts = np.split(array.transpose(0, 2, 1), np.cumsum(sizes)[:-1], axis=2)
+    return [np.ascontiguousarray(part) for part in parts]
   if t.layout == 'linear':
     array = array.T
   sizes = [math.prod(shapes[leaf] if t.layout == 'vector' else shapes[leaf][t.n_in:])

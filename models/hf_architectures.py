@@ -2,7 +2,7 @@
 
 Each `Architecture` says how its config.json becomes a `ModelConfig` and back, which
 `ModelConfig`s it can represent, and which HF tensor holds which parameter leaves. Adding a class
-(Mixtral, once `ModelConfig` has experts) is one more entry in `ARCHITECTURES`.
+is one more entry in `ARCHITECTURES`.
 """
 
 from typing import Callable, List, NamedTuple, Optional, Tuple
@@ -14,13 +14,16 @@ class Tensor(NamedTuple):
   """One HF tensor and the parameter leaves it holds, concatenated along its output axis.
 
   `layout` is 'linear' for a torch nn.Linear weight [out, in], 'matrix' for [in, out]
-  (embeddings, GPT-2's Conv1D) and 'vector' for 1-D tensors (biases, norm scales). `n_in` counts
+  (embeddings, GPT-2's Conv1D), 'vector' for 1-D tensors (biases, norm scales) and 'experts'
+  for stacked expert weights [experts, out, in] (ours are [experts, in, out]). `n_in` counts
   the leading input dims of our leaves: attention output kernels are [heads, head_dim, embed].
+  With `expert` set, the tensor is one expert's slice (index `expert` of the leaves' first dim).
   """
   name: str
   leaves: Tuple[str, ...]
   layout: str
   n_in: int = 1
+  expert: Optional[int] = None   # the tensor holds only this expert's slice of the leaves
 
 
 class Architecture(NamedTuple):
@@ -32,6 +35,7 @@ class Architecture(NamedTuple):
   problems: Callable[[ModelConfig], List[str]]  # why a config cannot be written as this class
   tensors: Callable[[ModelConfig], List[Tensor]]
   buffers: str = r'.*rotary_emb\.inv_freq'      # non-persistent buffers old checkpoints hold
+  other_layouts: Tuple[Callable[[ModelConfig], List[Tensor]], ...] = ()   # also read on load
 
 
 ACTIVATIONS_FROM_HF = {'silu': 'silu', 'swish': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh',
@@ -95,10 +99,31 @@ def _llama_like_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _llama_like_problems(cfg: ModelConfig, **needed) -> List[str]:
+  needed.setdefault('n_experts', 0)   # dense unless the class has experts (Mixtral)
   return _mismatches(cfg, position='rope', norm='rmsnorm', mlp='swiglu', **needed)
 
 
-def _llama_like_tensors(cfg: ModelConfig) -> List[Tensor]:
+def _mlp_tensors(cfg: ModelConfig, hf: str, us: str, fused: bool = False) -> List[Tensor]:
+  if cfg.n_experts and fused:   # transformers 5 in memory: experts fused per layer
+    return [Tensor(f'{hf}mlp.gate.weight', (f'{us}mlp/router/kernel',), 'linear'),
+            Tensor(f'{hf}mlp.experts.gate_up_proj', (f'{us}mlp/gate', f'{us}mlp/up'), 'experts'),
+            Tensor(f'{hf}mlp.experts.down_proj', (f'{us}mlp/down',), 'experts')]
+  if cfg.n_experts:   # Mixtral files (the Hub, transformers' save_pretrained): one per expert
+    moe = f'{hf}block_sparse_moe.'
+    out = [Tensor(f'{moe}gate.weight', (f'{us}mlp/router/kernel',), 'linear')]
+    for e in range(cfg.n_experts):
+      out += [Tensor(f'{moe}experts.{e}.{w}.weight', (f'{us}mlp/{leaf}',), 'linear', expert=e)
+              for w, leaf in (('w1', 'gate'), ('w2', 'down'), ('w3', 'up'))]
+    return out
+  out = []
+  for p in ('gate', 'up', 'down'):
+    out.append(Tensor(f'{hf}mlp.{p}_proj.weight', (f'{us}mlp/{p}/kernel',), 'linear'))
+    if cfg.mlp_bias:
+      out.append(Tensor(f'{hf}mlp.{p}_proj.bias', (f'{us}mlp/{p}/bias',), 'vector'))
+  return out
+
+
+def _llama_like_tensors(cfg: ModelConfig, fused_experts: bool = False) -> List[Tensor]:
   out = [Tensor('model.embed_tokens.weight', ('embed/embedding',), 'matrix')]
   for i in range(cfg.n_layers):
     hf, us = f'model.layers.{i}.', f'blocks_{i}/'
@@ -108,10 +133,7 @@ def _llama_like_tensors(cfg: ModelConfig) -> List[Tensor]:
                         n_in))
       if cfg.out_bias if p == 'o' else cfg.qkv_bias:
         out.append(Tensor(f'{hf}self_attn.{p}_proj.bias', (f'{us}attn/{name}/bias',), 'vector'))
-    for p in ('gate', 'up', 'down'):
-      out.append(Tensor(f'{hf}mlp.{p}_proj.weight', (f'{us}mlp/{p}/kernel',), 'linear'))
-      if cfg.mlp_bias:
-        out.append(Tensor(f'{hf}mlp.{p}_proj.bias', (f'{us}mlp/{p}/bias',), 'vector'))
+    out += _mlp_tensors(cfg, hf, us, fused_experts)
     out.append(Tensor(f'{hf}input_layernorm.weight', (f'{us}attn_norm/scale',), 'vector'))
     out.append(Tensor(f'{hf}post_attention_layernorm.weight', (f'{us}mlp_norm/scale',), 'vector'))
   out.append(Tensor('model.norm.weight', ('final_norm/scale',), 'vector'))
@@ -145,6 +167,35 @@ MISTRAL = Architecture(
     lambda cfg: dict(_llama_like_to_hf(cfg), sliding_window=cfg.sliding_window),
     lambda cfg: _llama_like_problems(cfg, qkv_bias=False, out_bias=False, mlp_bias=False),
     _llama_like_tensors)
+
+
+def _mixtral(c: dict) -> ModelConfig:
+  return _llama_like(c, 32768, sliding_window=c.get('sliding_window'),
+                     n_experts=_get(c, 'num_local_experts'),
+                     experts_per_token=_get(c, 'num_experts_per_tok'),
+                     router_jitter=float(c.get('router_jitter_noise') or 0.0),
+                     router_aux_weight=float(c.get('router_aux_loss_coef', 0.001)))
+
+
+def _mixtral_problems(cfg: ModelConfig) -> List[str]:
+  problems = _llama_like_problems(cfg, qkv_bias=False, out_bias=False, mlp_bias=False,
+                                  n_experts=cfg.n_experts, moe_every=1, n_shared_experts=0,
+                                  moe_d_ff=None)
+  if not cfg.n_experts:
+    problems.append('n_experts=0 (a dense model)')
+  if cfg.experts_per_token == 1:
+    problems.append('experts_per_token=1 (Mixtral renormalises even a single weight to 1)')
+  return problems
+
+
+MIXTRAL = Architecture(
+    'MixtralForCausalLM', 'mixtral', 'model.', _mixtral,
+    lambda cfg: dict(_llama_like_to_hf(cfg), sliding_window=cfg.sliding_window,
+                     num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token,
+                     router_jitter_noise=cfg.router_jitter,
+                     router_aux_loss_coef=cfg.router_aux_weight, output_router_logits=False),
+    _mixtral_problems, _llama_like_tensors,
+    other_layouts=(lambda cfg: _llama_like_tensors(cfg, fused_experts=True),))
 
 
 def _qwen2_window(c: dict) -> Optional[int]:
@@ -198,7 +249,7 @@ def _gpt2_to_hf(cfg: ModelConfig) -> dict:
 
 def _gpt2_problems(cfg: ModelConfig) -> List[str]:
   problems = _mismatches(cfg, position='learned', norm='layernorm', mlp='gelu', qkv_bias=True,
-                         out_bias=True, mlp_bias=True, sliding_window=None)
+                         out_bias=True, mlp_bias=True, sliding_window=None, n_experts=0)
   if cfg.activation not in ('gelu_tanh', 'gelu'):
     problems.append(f'activation={cfg.activation!r} (needs gelu_tanh or gelu)')
   if cfg.kv_heads != cfg.n_heads or cfg.head_size * cfg.n_heads != cfg.d_model:
@@ -234,13 +285,15 @@ GPT2 = Architecture('GPT2LMHeadModel', 'gpt2', 'transformer.', _gpt2, _gpt2_to_h
                     _gpt2_problems, _gpt2_tensors,
                     buffers=r'(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)')
 
-ARCHITECTURES = {a.name: a for a in (LLAMA, MISTRAL, QWEN2, GPT2)}
+ARCHITECTURES = {a.name: a for a in (LLAMA, MISTRAL, QWEN2, GPT2, MIXTRAL)}
 
 
 def default_architecture(cfg: ModelConfig) -> Architecture:
   """The HF class a config is written as when the caller names none."""
   if cfg.position == 'learned':
     return GPT2
+  if cfg.n_experts:
+    return MIXTRAL
   if cfg.sliding_window is not None and not cfg.qkv_bias:
     return MISTRAL
   if cfg.qkv_bias and not cfg.out_bias:

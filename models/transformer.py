@@ -11,6 +11,7 @@ from models import axes
 from models.attention import Attention, Geometry
 from models.config import ModelConfig
 from models.layers import Embed, Linear, Mlp, Norm
+from models.moe import MoeMlp
 
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in the backward pass
@@ -20,8 +21,9 @@ REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (MoE where `moe`)."""
   config: ModelConfig
+  moe: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, geo: Geometry, kv=None):
@@ -32,7 +34,8 @@ class Block(nn.Module):
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name=name)
     h_BxTxD, kv = Attention(cfg, out_std, name='attn')(norm('attn_norm')(x_BxTxD), geo, kv)
     x_BxTxD = x_BxTxD + h_BxTxD
-    x_BxTxD = x_BxTxD + Mlp(cfg, out_std, name='mlp')(norm('mlp_norm')(x_BxTxD))
+    mlp = MoeMlp(cfg, out_std, name='mlp') if self.moe else Mlp(cfg, out_std, name='mlp')
+    x_BxTxD = x_BxTxD + mlp(norm('mlp_norm')(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
     return x_BxTxD, kv
 
@@ -43,7 +46,8 @@ def block_class(cfg: ModelConfig):
   if cfg.remat != 'none':
     cls = nn.remat(cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    cls = nn.scan(cls, variable_axes={'params': 0}, split_rngs={'params': True},
+    cls = nn.scan(cls, variable_axes={'params': 0, 'moe': 0},
+                  split_rngs={'params': True, 'jitter': True},
                   in_axes=(nn.broadcast, 0), length=cfg.unique_layers,
                   metadata_params={nn.PARTITION_NAME: axes.LAYERS})
   return cls
@@ -59,6 +63,9 @@ class Transformer(nn.Module):
   Parameters: `embed`, `pos_embed` (learned positions), `blocks_{i}` for each of the
   `n_unique_layers` blocks (or one stacked `blocks` under `scan_layers`), `final_norm`,
   `lm_head` (untied head). Layer l uses block l mod n_unique_layers.
+
+  MoE layers sow router statistics into the 'moe' collection: apply with `mutable=['moe']` to
+  read them (`models.moe.summarize`), and pass `rngs={'jitter': key}` for router jitter.
   """
   config: ModelConfig
 
@@ -98,11 +105,11 @@ class Transformer(nn.Module):
     cfg = self.config
     u, repeats = cfg.unique_layers, cfg.n_layers // cfg.unique_layers
     cls = block_class(cfg)
-    if cfg.scan_layers:
-      blocks = [cls(cfg, name='blocks')] * repeats   # one stacked module, applied `repeats` times
+    if cfg.scan_layers:   # one stacked module, applied `repeats` times
+      blocks = [cls(cfg, cfg.is_moe_layer(0), name='blocks')] * repeats
       group = u                                       # layers handled per call
     else:
-      blocks = [cls(cfg, name=f'blocks_{i}') for i in range(u)] * repeats
+      blocks = [cls(cfg, cfg.is_moe_layer(i), name=f'blocks_{i}') for i in range(u)] * repeats
       group = 1
     ks, vs = [], []
     for call, block in enumerate(blocks):

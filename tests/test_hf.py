@@ -37,6 +37,8 @@ CASES = {
     'qwen2': ('Qwen2', dict(num_key_value_heads=2)),
     'qwen2_window': ('Qwen2', dict(num_key_value_heads=2, use_sliding_window=True,
                                    sliding_window=5, max_window_layers=0)),
+    'mixtral': ('Mixtral', dict(num_key_value_heads=2, num_local_experts=4,
+                                num_experts_per_tok=2)),
     'gpt2': ('GPT2', dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
     'gpt2_untied': ('GPT2', dict(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                                  n_inner=96, tie_word_embeddings=False)),
@@ -102,6 +104,8 @@ OUR_CONFIGS = {
                                       activation='gelu_tanh', **OUR_SIZES),
     'Qwen2ForCausalLM': ModelConfig(qkv_bias=True, head_dim=32, scan_layers=True, **OUR_SIZES),
     'GPT2LMHeadModel': gpt2_style(**OUR_SIZES),
+    'MixtralForCausalLM': ModelConfig(n_kv_heads=2, n_experts=4, experts_per_token=2,
+                                      **OUR_SIZES),
 }
 
 
@@ -259,7 +263,7 @@ def test_unrepresentable_configs_fail_to_save(tmp_path):
     hf.save_pretrained(Transformer(cfg), random_params(cfg), tmp_path, 'Phi3ForCausalLM')
 
 
-@pytest.mark.parametrize('case', ['llama_gqa_tied', 'gpt2'])
+@pytest.mark.parametrize('case', ['llama_gqa_tied', 'gpt2', 'mixtral'])
 def test_greedy_generation_matches_transformers(hf_dir, case):
   decode = pytest.importorskip('models.decode')
   path, ref = hf_dir(case)
@@ -271,3 +275,24 @@ def test_greedy_generation_matches_transformers(hf_dir, case):
                           do_sample=False, max_new_tokens=20)[0, len(prompt):]
   assert int(out.lengths[0]) == 20
   assert np.asarray(out.tokens)[0].tolist() == theirs.tolist()
+
+
+def test_mixtral_fused_expert_layout_loads_like_the_per_expert_files(hf_dir, tmp_path):
+  path, _ = hf_dir('mixtral')
+  tensors = st_numpy.load_file(str(path / 'model.safetensors'))
+  fused = {}
+  for name, value in tensors.items():
+    if '.block_sparse_moe.experts.' in name:
+      continue
+    fused[name.replace('.block_sparse_moe.gate.', '.mlp.gate.')] = value
+  for layer in range(2):
+    w = lambda e, k: tensors[f'model.layers.{layer}.block_sparse_moe.experts.{e}.{k}.weight']
+    fused[f'model.layers.{layer}.mlp.experts.gate_up_proj'] = np.stack(
+        [np.concatenate([w(e, 'w1'), w(e, 'w3')]) for e in range(4)])   # (E, 2 * ffn, d)
+    fused[f'model.layers.{layer}.mlp.experts.down_proj'] = np.stack(
+        [w(e, 'w2') for e in range(4)])                                 # (E, d, ffn)
+  shutil.copy(path / 'config.json', tmp_path / 'config.json')
+  st_numpy.save_file(fused, str(tmp_path / 'model.safetensors'))
+  _, want = hf.from_pretrained(path)
+  _, got = hf.from_pretrained(tmp_path)
+  assert_trees_equal(got, want)

@@ -19,6 +19,7 @@ from flax import traverse_util
 from experiments import benchmark, checkpoints, flops, steps, train, validate
 from experiments.configs import gpt2 as gpt2_configs
 from experiments.configs import llama as llama_configs
+from experiments.configs import mixtral as mixtral_configs
 from experiments.configs import shakespeare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -228,8 +229,9 @@ def test_cli_errors_are_one_line(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize('module, variants', [
-    (shakespeare, ['', 'bytes', 'tiny']), (gpt2_configs, ['124m', '350m', 'tiny']),
-    (llama_configs, ['1b', '7b', 'tiny'])])
+    (shakespeare, ['', 'bytes', 'tiny', 'moe', 'moe_tiny']),
+    (gpt2_configs, ['124m', '350m', 'tiny']), (llama_configs, ['1b', '7b', 'tiny']),
+    (mixtral_configs, ['8x7b', 'tiny'])])
 def test_every_config_variant_validates(tmp_path, module, variants):
   for arg in variants:
     validate.check(module.get_config(arg) if arg else module.get_config(), tmp_path / arg)
@@ -237,7 +239,7 @@ def test_every_config_variant_validates(tmp_path, module, variants):
     module.get_config('huge')
 
 
-@pytest.mark.parametrize('module', [gpt2_configs, llama_configs])
+@pytest.mark.parametrize('module', [gpt2_configs, llama_configs, mixtral_configs])
 def test_benchmark_runs_the_tiny_variants(module):
   config = module.get_config('tiny')
   result = benchmark.benchmark(config, n_steps=2, vocab=config.data.vocab_size)

@@ -50,6 +50,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip = 1.0       # global-norm clipping
   config.optimizer.z_loss = 0.0          # weight of the log-partition penalty
 
+  # Gradual magnitude pruning during training (compression/schedules.py): sparsity ramps
+  # cubically from 0 at start_step to final_sparsity at end_step; pruned weights stay exactly 0.
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.final_sparsity = 0.0    # 0: off
+  config.pruning.start_step = 0
+  config.pruning.end_step = 0            # 0: num_train_steps
+  config.pruning.every = 10              # steps between mask updates on the ramp
+  config.pruning.include = ''            # regex over weight paths ('' : all but embeddings/head)
+
   config.sample = ml_collections.ConfigDict()
   config.sample.num_prompts = 2          # held-out openings continued at each evaluation
   config.sample.prompt_chars = 64        # characters of each opening used as the prompt
