@@ -49,9 +49,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   """Joins this process to a multi-process run; returns whether it did.
 
   mode 'auto' joins when an address is given or a launcher is detected (a Cloud TPU VM, a GKE
-  TPU slice, Slurm or Open MPI with several tasks), 'on' always calls `jax.distributed.initialize` (its own detection
-  fills in what is not given), 'off' never does. With an explicit address, `num_processes` and
-  `process_id` are required.
+  TPU slice, Slurm or Open MPI with several tasks), 'on' always calls
+  `jax.distributed.initialize` (its own detection fills in what is not given), 'off' never does.
+  With an explicit address, `num_processes` and `process_id` are required.
   """
   if mode not in MODES:
     raise ValueError(f'distributed mode {mode!r} is not one of {", ".join(MODES)}')
