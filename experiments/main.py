@@ -18,12 +18,13 @@ from ml_collections import config_flags
 import jax
 
 import sharding
-from experiments import train, validate
+from experiments import prune, train, validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, samples.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'prune'], 'What to do: '
+                          'prune runs experiments/configs/prune.py configs.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for --mode=sample.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
@@ -61,6 +62,13 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   config, workdir = _CONFIG.value, epath.Path(_WORKDIR.value)
+  if _MODE.value == 'prune':
+    try:
+      prune.run(config, workdir)
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
+    print((workdir / 'results.md').read_text())
+    return
   try:
     sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                         _DISTRIBUTED.value)

@@ -1,0 +1,44 @@
+"""Pruning experiments on a trained run (experiments/prune.py): one variant or a sweep.
+
+Command (after training the default model into runs/shakespeare):
+  python -m experiments.main --mode=prune --config=experiments/configs/prune.py:sweep \
+      --workdir=runs/prune_sweep --config.source_workdir=runs/shakespeare
+Variants: a method and amount, e.g. `wanda_50`, `sparsegpt_2of4`, `magnitude_70`, `ffn_25`,
+`heads_50`; `sweep` (magnitude/Wanda/SparseGPT at 30/50/70%, 4:8 and 2:4); `structural` (25%
+and 50% of FFN neurons and of heads, each fine-tuned briefly). Any list can be given with
+--config.variants=wanda:0.5,sparsegpt:2:4 (see experiments/prune.py for the spec syntax).
+The source checkpoint is only read.
+"""
+
+import ml_collections
+
+SWEEP = ','.join([f'{m}:{s}' for m in ('magnitude', 'wanda', 'sparsegpt')
+                  for s in ('0.3', '0.5', '0.7', '4:8', '2:4')])
+STRUCTURAL = 'ffn:0.25,ffn:0.5,heads:0.25,heads:0.5'
+
+
+def _named(arg: str) -> str:
+  """'wanda_50' -> 'wanda:0.5', 'sparsegpt_2of4' -> 'sparsegpt:2:4', 'ffn_25' -> 'ffn:0.25'."""
+  method, _, amount = arg.rpartition('_')
+  if 'of' in amount:
+    n, m = amount.split('of')
+    return f'{method}:{n}:{m}'
+  if not method or not amount.isdigit():
+    raise ValueError(f'unknown variant {arg!r} of prune.py; known: sweep, structural, or '
+                     f'method_percent (wanda_50) / method_NofM (sparsegpt_2of4)')
+  return f'{method}:{int(amount) / 100}' if method != 'layers' else f'{method}:{amount}'
+
+
+def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.source_workdir = 'runs/shakespeare'   # a training run: config.json + checkpoints/
+  config.variants = SWEEP if arg == 'sweep' else STRUCTURAL if arg == 'structural' else (
+      _named(arg))
+  config.calibration_batches = 8      # batches of calibration_rows training rows
+  config.calibration_rows = 16
+  config.importance = 'l2'            # structural ranking: l1, l2 or taylor
+  config.finetune_steps = 100 if arg == 'structural' else 0
+  config.rounds = 1                   # > 1: iterative pruning, fine-tuning between rounds
+  config.finetune_learning_rate = 3e-4
+  config.seed = 0
+  return config

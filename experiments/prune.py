@@ -1,0 +1,202 @@
+"""Pruning experiments on a trained checkpoint: `run(config, workdir)` (main.py --mode=prune).
+
+Loads the source run (its config.json and latest checkpoint, read-only), evaluates it, then for
+each variant in `config.variants` prunes a copy (one-shot, or in `config.rounds` rounds with
+fine-tuning between them), evaluates it, optionally fine-tunes it with the mask frozen (or the
+smaller model, for structural variants) and evaluates again, timing the forward pass. Writes
+results.json and results.md into the workdir.
+
+Variant specs (comma-separated in `config.variants`):
+  magnitude:0.5  wanda:0.5  sparsegpt:0.7  random:0.5  saliency:0.5   unstructured, per layer
+  magnitude_global:0.5                                               one ranking over all
+  wanda:2:4  sparsegpt:4:8  magnitude:2:4                             N:M along the inputs
+  ffn:0.25  heads:0.5  layers:1  experts:0.25                         structural (removed)
+"""
+
+import json
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+import compression
+from compression import structural
+from experiments import data, steps, train
+from models import Transformer, unstack_layers
+
+STRUCTURAL = ('ffn', 'heads', 'layers', 'experts')
+
+
+def parse_variant(spec: str) -> dict:
+  """'wanda:2:4' -> {'method': 'wanda', 'nm': (2, 4)}; one-line errors for bad specs."""
+  parts = spec.strip().split(':')
+  name, args = parts[0], parts[1:]
+  scope = 'layer'
+  if name.endswith('_global'):
+    name, scope = name[:-len('_global')], 'global'
+  known = compression.METHODS + STRUCTURAL
+  if name not in known:
+    raise ValueError(f'variant {spec!r}: unknown method {name!r}; known: {", ".join(known)}')
+  try:
+    numbers = [float(a) for a in args]
+  except ValueError:
+    raise ValueError(f'variant {spec!r}: expected numbers after the method') from None
+  if name in STRUCTURAL:
+    if len(numbers) != 1:
+      raise ValueError(f'variant {spec!r}: give one amount, e.g. {name}:0.25')
+    amount = int(numbers[0]) if name == 'layers' else numbers[0]
+    return dict(spec=spec, kind=name, amount=amount)
+  if len(numbers) == 1:
+    compression.masks.check_sparsity(numbers[0])
+    return dict(spec=spec, method=name, sparsity=numbers[0], nm=None, scope=scope)
+  if len(numbers) == 2 and all(n.is_integer() for n in numbers):
+    nm = (int(numbers[0]), int(numbers[1]))
+    compression.masks.check_nm(nm)
+    return dict(spec=spec, method=name, sparsity=0.0, nm=nm, scope=scope)
+  raise ValueError(f'variant {spec!r}: use method:sparsity or method:N:M')
+
+
+def source_config(source_workdir) -> ml_collections.ConfigDict:
+  path = epath.Path(source_workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{source_workdir} has no config.json: train there first (or point '
+                            f'config.source_workdir at a training run)')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def _batches(config, src, tokenizer, n: int, seed: int):
+  it = data.train_iterator(src.data, tokenizer, batch_size=config.calibration_rows, seed=seed)
+  return [jax.tree.map(jnp.asarray, next(it)) for _ in range(n)]
+
+
+def forward_ms(model, params, batch, repeats: int = 5) -> float:
+  """Median wall time of the jitted forward pass on `batch`, in milliseconds."""
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  jax.block_until_ready(fwd(params, batch['inputs']))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(params, batch['inputs']))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * float(np.median(times))
+
+
+def _finetune(config, src, model, params, tokenizer, mask_tree, n_steps: int):
+  """A short fine-tune of `params` (masked weights held at exactly 0); returns the params."""
+  opt = ml_collections.ConfigDict(src.optimizer.to_dict())
+  opt.update(learning_rate=config.finetune_learning_rate, warmup_steps=min(10, n_steps))
+  tx = steps.make_optimizer(opt, n_steps)
+  if mask_tree is not None:
+    tx = compression.schedules.frozen(tx, mask_tree)
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  it = data.train_iterator(src.data, tokenizer, batch_size=src.batch_size, seed=config.seed + 1)
+  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+  for _ in range(n_steps):
+    state, _ = steps.train_step(state, jax.tree.map(jnp.asarray, next(it)), token_bytes,
+                                model=model, accum_steps=1, z_loss=0.0)
+  return state.params
+
+
+def _evaluate(src, model, params, tokenizer) -> float:
+  placement = train.Placement(src, model, steps.make_optimizer(src.optimizer, 1))
+  layout = jax.tree.map(lambda x: x.sharding, placement.abstract.params)
+  return train.evaluate_params(src, jax.device_put(params, layout), model, tokenizer,
+                               placement)['nats_per_byte']
+
+
+def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2'):
+  """(model, params, mask tree or None) after the variant's pruning."""
+  cfg = model.config
+  if 'kind' in v:
+    grads = grads_fn() if importance == 'taylor' else None
+    fn = dict(ffn=structural.ffn_neurons, heads=structural.attention_heads,
+              layers=structural.layers, experts=structural.experts)[v['kind']]
+    new_cfg, new_params, _ = fn(cfg, params, v['amount'], importance, grads)
+    return Transformer(new_cfg), new_params, None
+  pruned, mask_tree = compression.prune(
+      params, v['method'], v['sparsity'], nm=v['nm'], scope=v['scope'], model=model,
+      batches=calib, loss_fn=lambda p, m, b: steps.loss_sums(p, m, b, 0.0)[0] / jnp.maximum(
+          jnp.sum(b['weights']), 1.0))
+  return model, pruned, mask_tree
+
+
+def run(config, workdir) -> list:
+  """Runs every variant; returns the result rows (also written to results.json / results.md)."""
+  workdir = epath.Path(workdir)
+  variants = [parse_variant(s) for s in config.variants.split(',') if s.strip()]
+  if not variants:
+    raise ValueError('config.variants is empty: name at least one, e.g. wanda:0.5')
+  src = source_config(config.source_workdir)
+  step, model, tokenizer, params, _ = train.load_params(src, config.source_workdir)
+  if model.config.scan_layers:   # calibration and structural pruning see one block at a time
+    params = unstack_layers(params, model.config)
+    model = Transformer(model.config.replace(scan_layers=False))
+  params = jax.device_get(params)
+  logging.info('loaded %s at step %d', config.source_workdir, step)
+  calib = _batches(config, src, tokenizer, config.calibration_batches, config.seed)
+  timing_batch = calib[0]
+  rows = [dict(variant='dense', params=_count(params), nonzero=_count(params, nonzero=True),
+               nats_per_byte=_evaluate(src, model, params, tokenizer),
+               forward_ms=forward_ms(model, params, timing_batch))]
+  logging.info('dense: %s', rows[0])
+  grads_fn = lambda: compression.calibration.gradients(
+      model, params, calib, lambda p, m, b: steps.loss_sums(p, m, b, 0.0)[0])
+  for v in variants:
+    t0 = time.perf_counter()
+    start = params
+    if config.rounds > 1 and 'method' in v and v['nm'] is None:
+      # Iterative: prune to 1 - (1 - s)^(r / R) in round r, fine-tuning between rounds; the
+      # zeros of earlier rounds score lowest, so masks only grow.
+      for r in range(1, config.rounds):
+        step_v = dict(v, sparsity=1 - (1 - v['sparsity']) ** (r / config.rounds))
+        _, start, mask_tree = apply_variant(step_v, model, start, calib, grads_fn)
+        start = _finetune(config, src, model, start, tokenizer, mask_tree,
+                          config.finetune_steps or 50)
+    new_model, new_params, mask_tree = apply_variant(v, model, start, calib, grads_fn,
+                                                     config.importance)
+    row = dict(variant=v['spec'], prune_s=time.perf_counter() - t0, params=_count(new_params),
+               nonzero=_count(new_params, nonzero=True),
+               nats_per_byte=_evaluate(src, new_model, new_params, tokenizer),
+               forward_ms=forward_ms(new_model, new_params, timing_batch))
+    if config.finetune_steps:
+      tuned = _finetune(config, src, new_model, new_params, tokenizer, mask_tree,
+                        config.finetune_steps)
+      row['finetuned_nats_per_byte'] = _evaluate(src, new_model, tuned, tokenizer)
+    logging.info('%s: %s', v['spec'], row)
+    rows.append(row)
+  _write(workdir, config, rows)
+  return rows
+
+
+def _count(params, nonzero: bool = False) -> int:
+  leaves = jax.tree.leaves(params)
+  return int(sum(np.count_nonzero(np.asarray(x)) if nonzero else np.size(x) for x in leaves))
+
+
+def _write(workdir: epath.Path, config, rows) -> None:
+  """results.json and results.md, each written to a temporary name and renamed into place."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  dense = rows[0]['nats_per_byte']
+  tuned = any('finetuned_nats_per_byte' in r for r in rows)
+  head = ('| variant | params | non-zero | nats/byte | vs dense |' +
+          (' fine-tuned |' if tuned else '') + ' forward ms |')
+  lines = [head, '|' + '---|' * (head.count('|') - 1)]
+  for r in rows:
+    cells = [r['variant'], f"{r['params']:,}", f"{r['nonzero']:,}", f"{r['nats_per_byte']:.4f}",
+             f"{r['nats_per_byte'] - dense:+.4f}"]
+    if tuned:
+      ft = r.get('finetuned_nats_per_byte')
+      cells.append('' if ft is None else f'{ft:.4f}')
+    cells.append(f"{r['forward_ms']:.1f}")
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  for name, text in (('results.json', json.dumps(dict(config=config.to_dict(), rows=rows),
+                                                   indent=2)),
+                     ('results.md', '\n'.join(lines) + '\n')):
+    tmp = workdir / (name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(workdir / name)
+
