@@ -1,6 +1,8 @@
 """Pruning experiments on a trained checkpoint: `run(config, workdir)` (main.py --mode=prune).
 
-Loads the source run (its config.json and latest checkpoint, read-only), evaluates it, then for
+Loads the source run (its config.json and latest checkpoint, read-only; or, with
+`config.hf_path`, a Hugging Face checkpoint evaluated on the source run's data and tokenizer),
+evaluates it, then for
 each variant in `config.variants` prunes a copy (one-shot, or in `config.rounds` rounds with
 fine-tuning between them), evaluates it, optionally fine-tunes it with the mask frozen (or the
 smaller model, for structural variants) and evaluates again, timing the forward pass. Writes
@@ -26,7 +28,7 @@ from etils import epath
 import compression
 from compression import structural
 from experiments import data, steps, train
-from models import Transformer, unstack_layers
+from models import Transformer, hf, unstack_layers
 
 STRUCTURAL = ('ffn', 'heads', 'layers', 'experts')
 
@@ -131,7 +133,15 @@ def run(config, workdir) -> list:
   if not variants:
     raise ValueError('config.variants is empty: name at least one, e.g. wanda:0.5')
   src = source_config(config.source_workdir)
-  step, model, tokenizer, params, _ = train.load_params(src, config.source_workdir)
+  if config.get('hf_path'):   # a Hugging Face checkpoint, evaluated on the source run's data
+    tokenizer, _, _ = train.setup(src)
+    model, params = hf.from_pretrained(config.hf_path)
+    step = 0
+    if model.config.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f'{config.hf_path}: vocab_size={model.config.vocab_size} is smaller than '
+                       f'the {tokenizer.vocab_size} ids of the source run\'s tokenizer')
+  else:
+    step, model, tokenizer, params, _ = train.load_params(src, config.source_workdir)
   if model.config.scan_layers:   # calibration and structural pruning see one block at a time
     params = unstack_layers(params, model.config)
     model = Transformer(model.config.replace(scan_layers=False))
@@ -141,7 +151,8 @@ def run(config, workdir) -> list:
   timing_batch = calib[0]
   rows = [dict(variant='dense', params=_count(params), nonzero=_count(params, nonzero=True),
                nats_per_byte=_evaluate(src, model, params, tokenizer),
-               forward_ms=forward_ms(model, params, timing_batch))]
+               forward_ms=forward_ms(model, params, timing_batch),
+               **_report(model, params, src.data.seq_len))]
   logging.info('dense: %s', rows[0])
   grads_fn = lambda: compression.calibration.gradients(
       model, params, calib, lambda p, m, b: steps.loss_sums(p, m, b, 0.0)[0])
@@ -161,7 +172,8 @@ def run(config, workdir) -> list:
     row = dict(variant=v['spec'], prune_s=time.perf_counter() - t0, params=_count(new_params),
                nonzero=_count(new_params, nonzero=True),
                nats_per_byte=_evaluate(src, new_model, new_params, tokenizer),
-               forward_ms=forward_ms(new_model, new_params, timing_batch))
+               forward_ms=forward_ms(new_model, new_params, timing_batch),
+               **_report(new_model, new_params, src.data.seq_len))
     if config.finetune_steps:
       tuned = _finetune(config, src, new_model, new_params, tokenizer, mask_tree,
                         config.finetune_steps)
@@ -170,6 +182,16 @@ def run(config, workdir) -> list:
     rows.append(row)
   _write(workdir, config, rows)
   return rows
+
+
+def _report(model, params, seq_len: int) -> dict:
+  """The sparsity report's totals and per-weight sparsity, for results.json."""
+  rep = compression.report.sparsity_report(params, model.config, seq_len)
+  t = rep['total']
+  return dict(sparsity=t['sparsity'], dense_flops_per_token=t['dense_flops_per_token'],
+              effective_flops_per_token=t['effective_flops_per_token'],
+              dense_bytes=t['dense_bytes'], sparse_bytes=t['sparse_bytes'],
+              layer_sparsity={p: l['sparsity'] for p, l in rep['layers'].items()})
 
 
 def _count(params, nonzero: bool = False) -> int:
@@ -182,12 +204,13 @@ def _write(workdir: epath.Path, config, rows) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   dense = rows[0]['nats_per_byte']
   tuned = any('finetuned_nats_per_byte' in r for r in rows)
-  head = ('| variant | params | non-zero | nats/byte | vs dense |' +
-          (' fine-tuned |' if tuned else '') + ' forward ms |')
+  head = ('| variant | params | non-zero | sparsity | MFLOP/token (effective) | nats/byte | '
+          'vs dense |' + (' fine-tuned |' if tuned else '') + ' forward ms |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   for r in rows:
-    cells = [r['variant'], f"{r['params']:,}", f"{r['nonzero']:,}", f"{r['nats_per_byte']:.4f}",
-             f"{r['nats_per_byte'] - dense:+.4f}"]
+    cells = [r['variant'], f"{r['params']:,}", f"{r['nonzero']:,}", f"{100 * r['sparsity']:.1f}%",
+             f"{r['dense_flops_per_token'] / 1e6:.2f} ({r['effective_flops_per_token'] / 1e6:.2f})",
+             f"{r['nats_per_byte']:.4f}", f"{r['nats_per_byte'] - dense:+.4f}"]
     if tuned:
       ft = r.get('finetuned_nats_per_byte')
       cells.append('' if ft is None else f'{ft:.4f}')

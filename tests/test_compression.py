@@ -17,7 +17,7 @@ from compression import paths, schedules, structural
 from experiments import checkpoints, prune, steps, train
 from experiments.configs import prune as prune_configs
 from experiments.configs import shakespeare
-from models import ModelConfig, Transformer, stack_layers, unstack_layers
+from models import ModelConfig, Transformer, hf, stack_layers, unstack_layers
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
 TOKENS = jax.random.randint(jax.random.key(1), (4, 16), 0, 64)
@@ -274,6 +274,23 @@ def test_prune_runner_end_to_end_leaves_the_source_untouched(tmp_path):
   assert saved['rows'] == json.loads(json.dumps(rows))
   assert (tmp_path / 'out' / 'results.md').read_text().startswith('| variant |')
   assert _tree_digest(source) == before
+
+  assert rows[1]['sparsity'] == pytest.approx(0.5, abs=1e-3)
+  assert rows[1]['effective_flops_per_token'] < rows[0]['effective_flops_per_token']
+  assert rows[3]['dense_flops_per_token'] < rows[0]['dense_flops_per_token']   # smaller model
+
+  dense = rows[0]['nats_per_byte']
+  pc.update(variants='magnitude:0.5', rounds=2)   # iterative: 29% then 50%, fine-tuned between
+  rows = prune.run(pc, tmp_path / 'iterative')
+  assert rows[1]['sparsity'] == pytest.approx(0.5, abs=1e-3)
+  assert _tree_digest(source) == before
+
+  # The same weights as a Hugging Face checkpoint prune through the same path.
+  _, model, _, params, _ = train.load_params(config, source)
+  hf.save_pretrained(model, params, tmp_path / 'hf')
+  pc.update(hf_path=str(tmp_path / 'hf'), rounds=1, finetune_steps=0)
+  rows = prune.run(pc, tmp_path / 'from_hf')
+  assert rows[0]['nats_per_byte'] == pytest.approx(dense, rel=1e-5)
 
   pc.source_workdir = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='has no config.json'):

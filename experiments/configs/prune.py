@@ -32,6 +32,7 @@ def _named(arg: str) -> str:
 def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source_workdir = 'runs/shakespeare'   # a training run: config.json + checkpoints/
+  config.hf_path = ''                 # optional: prune this HF checkpoint instead (same tokenizer)
   config.variants = SWEEP if arg == 'sweep' else STRUCTURAL if arg == 'structural' else (
       _named(arg))
   config.calibration_batches = 8      # batches of calibration_rows training rows
