@@ -32,18 +32,22 @@ def _check(cfg, fraction: float, importance: str, grads) -> None:
 
 
 def _score(pieces, importance):
-  """pieces: [(weight, grad or None, axis of the unit)] -> importance per unit."""
+  """pieces: [(weight, grad or None, axis of the unit)] -> importance per unit.
+
+  Taylor: |sum of w * g over all the unit's weights|, the first-order change in loss when the
+  whole unit is removed.
+  """
   total = 0.0
   for w, g, axis in pieces:
     w = np.moveaxis(np.asarray(w, np.float64), axis, 0).reshape(w.shape[axis], -1)
     if importance == 'taylor':
       g = np.moveaxis(np.asarray(g, np.float64), axis, 0).reshape(w.shape)
-      total = total + np.abs(np.sum(w * g, axis=1))
+      total = total + np.sum(w * g, axis=1)
     elif importance == 'l1':
       total = total + np.sum(np.abs(w), axis=1)
     else:
       total = total + np.sum(np.square(w), axis=1)
-  return total
+  return np.abs(total) if importance == 'taylor' else total
 
 
 def _keep_top(scores, n_keep: int):
@@ -73,7 +77,7 @@ def ffn_neurons(cfg, params, fraction: float, importance: str = 'l2', grads=None
   keep = {}
   for layer in _layers(params):
     mlp = params[layer]['mlp']
-    g = None if grads is None else grads[layer]['mlp']
+    g = None if grads is None else grads[layer]['mlp']   # `g and x`: None unless Taylor
     names = [n for n in ('up', 'gate') if n in mlp]
     pieces = [(mlp[n]['kernel'], g and g[n]['kernel'], 1) for n in names]
     pieces.append((mlp['down']['kernel'], g and g['down']['kernel'], 0))

@@ -173,6 +173,20 @@ def test_structural_removal_equals_the_masked_full_model(kind, fraction):
     assert (new_cfg.n_heads, new_cfg.kv_heads) == (2, 1)
 
 
+def test_taylor_importance_uses_gradients():
+  model, params = init()
+  with pytest.raises(ValueError, match='taylor importance needs gradients'):
+    structural.ffn_neurons(CFG, params, 0.5, 'taylor')
+  grads = compression.calibration.gradients(model, params, batches(), loss_fn)
+  _, _, by_taylor = structural.ffn_neurons(CFG, params, 0.5, 'taylor', grads)
+  # The kept neurons are those with the largest |sum(w * g)| over their weights.
+  mlp, g = params['blocks_0']['mlp'], grads['blocks_0']['mlp']
+  score = (np.abs(np.sum(np.asarray(mlp['up']['kernel']) * np.asarray(g['up']['kernel']), 0) +
+                  np.sum(np.asarray(mlp['gate']['kernel']) * np.asarray(g['gate']['kernel']), 0)
+                  + np.sum(np.asarray(mlp['down']['kernel']) * np.asarray(g['down']['kernel']), 1)))
+  np.testing.assert_array_equal(by_taylor['blocks_0'], np.sort(np.argsort(-score)[:24]))
+
+
 def test_structural_layers_and_experts_shrink_the_config():
   model, params = init(CFG.replace(n_layers=3))
   cfg, small, kept = structural.layers(model.config, params, 1)
