@@ -91,16 +91,18 @@ def capacity_masks(experts_GxSxK, weights_GxSxK, n_experts: int, cap: int):
   return dispatch, combine, kept_GxSxK
 
 
-def _act(cfg: ModelConfig):
-  return ACTIVATION_FNS[cfg.activation]
+def _expert_mlp(mm, x, w: dict, cfg: ModelConfig):
+  """The expert MLP (SwiGLU or plain) with `mm(x, kernel)` as its matmul."""
+  act = ACTIVATION_FNS[cfg.activation]
+  up = mm(x, w['up'])
+  h = act(mm(x, w['gate'])) * up if cfg.mlp == 'swiglu' else act(up)
+  return mm(h, w['down'])
 
 
 def experts_dense(x_ExMxD, w: dict, cfg: ModelConfig, dtype):
   """Each expert's MLP on its own [M, D] slab (the capacity path's fixed-size buffers)."""
   mm = lambda x, kernel: jnp.einsum('emd,edf->emf', x.astype(dtype), kernel.astype(dtype))
-  up = mm(x_ExMxD, w['up'])
-  h = _act(cfg)(mm(x_ExMxD, w['gate'])) * up if cfg.mlp == 'swiglu' else _act(cfg)(up)
-  return mm(h, w['down'])
+  return _expert_mlp(mm, x_ExMxD, w, cfg)
 
 
 def experts_ragged(x_MxD, group_sizes_E, w: dict, cfg: ModelConfig, dtype):
@@ -109,9 +111,7 @@ def experts_ragged(x_MxD, group_sizes_E, w: dict, cfg: ModelConfig, dtype):
   Rows past sum(group_sizes) come out as zeros.
   """
   mm = lambda x, kernel: lax.ragged_dot(x.astype(dtype), kernel.astype(dtype), group_sizes_E)
-  up = mm(x_MxD, w['up'])
-  h = _act(cfg)(mm(x_MxD, w['gate'])) * up if cfg.mlp == 'swiglu' else _act(cfg)(up)
-  return mm(h, w['down'])
+  return _expert_mlp(mm, x_MxD, w, cfg)
 
 
 def dispatch_capacity(x_GxSxD, r_experts, r_weights, w, cfg, dtype, cap, expert_axis=None):
@@ -119,7 +119,7 @@ def dispatch_capacity(x_GxSxD, r_experts, r_weights, w, cfg, dtype, cap, expert_
   n_experts = cfg.n_experts
   dispatch, combine, kept = capacity_masks(r_experts, r_weights, n_experts, cap)
   x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch.astype(dtype), x_GxSxD.astype(dtype))
-  e, g, c, d = x_ExGxCxD.shape
+  d = x_ExGxCxD.shape[-1]
   if expert_axis is not None:   # send each expert's slots to the device holding that expert
     x_ExGxCxD = lax.all_to_all(x_ExGxCxD, expert_axis, 0, 1, tiled=True)
   y = experts_dense(x_ExGxCxD.reshape(x_ExGxCxD.shape[0], -1, d), w, cfg, dtype)
