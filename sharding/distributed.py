@@ -87,7 +87,7 @@ def allgather_bytes(data: bytes) -> list:
   if jax.process_count() == 1:
     return [data]
   lengths = multihost_utils.process_allgather(np.array([len(data)], np.int32))
-  longest = int(np.max(lengths))
+  longest = max(int(np.max(lengths)), 1)   # all-empty data still gathers one padding byte
   padded = np.zeros((longest,), np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
   rows = multihost_utils.process_allgather(padded)
