@@ -61,9 +61,14 @@ def in_dims(path: str) -> int:
   return 2 if path.endswith('attn/out/kernel') else 1
 
 
+def matrix_shape(path: str, shape) -> tuple:
+  """(stack, in, out): how `as_matrices` views a weight of this path and shape."""
+  nb, ni = batch_dims(path, len(shape)), in_dims(path)
+  return (math.prod(shape[:nb]), math.prod(shape[nb:nb + ni]),
+          math.prod(shape[nb + ni:]))
+
+
 def as_matrices(path: str, w):
   """w -> [batch, in, out] (batch 1 for a plain kernel) and the function that undoes it."""
-  nb, ni = batch_dims(path, w.ndim), in_dims(path)
   shape = w.shape
-  b, i = math.prod(shape[:nb]), math.prod(shape[nb:nb + ni])
-  return w.reshape(b, i, -1), lambda m: m.reshape(shape)
+  return w.reshape(matrix_shape(path, shape)), lambda m: m.reshape(shape)

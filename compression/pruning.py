@@ -40,19 +40,11 @@ def prune(params, method: str, sparsity: float = 0.5, *, nm=None, scope: str = '
     model, batches: the model and calibration batches, for saliency, wanda and sparsegpt.
     loss_fn: `loss_fn(params, model, batch) -> scalar`, for saliency.
   """
-  if method not in METHODS:
-    raise ValueError(f'unknown pruning method {method!r}; methods: {", ".join(METHODS)}')
-  masks.check_sparsity(sparsity)
-  masks.check_nm(nm)
+  selected = check(params, method, sparsity, nm=nm, scope=scope, include=include,
+                   exclude=exclude)
   if method in CALIBRATED and (model is None or not batches):
     raise ValueError(f'{method} needs the model and calibration batches')
-  if method in ('wanda', 'sparsegpt') and scope != 'layer':
-    raise ValueError(f'{method} ranks weights within each layer: scope must be layer')
-  selected = paths.select(params, include, exclude)
   flat = paths.flatten(params)
-  for p in selected:   # N:M needs M to divide every selected weight's inputs
-    masks.check_nm(nm, paths.as_matrices(p, flat[p])[0].shape[1], p)
-
   if method in ('wanda', 'sparsegpt'):
     return _layer_by_layer(params, method, sparsity, nm, selected, model, batches, block_size,
                            dampening)
@@ -66,6 +58,29 @@ def prune(params, method: str, sparsity: float = 0.5, *, nm=None, scope: str = '
     scores = {p: jnp.abs(flat[p] * grads[p]) for p in selected}
   mask_tree = masks.from_scores(params, scores, sparsity, nm, scope)
   return masks.apply(params, mask_tree), mask_tree
+
+
+def check(params, method: str, sparsity: float = 0.5, *, nm=None, scope: str = 'layer',
+          include: Optional[str] = None, exclude: Optional[str] = paths.DEFAULT_EXCLUDE):
+  """Everything `prune` can reject, from shapes alone (`params` may hold ShapeDtypeStructs).
+
+  Returns the selected paths; raises ValueError in one line.
+  """
+  if method not in METHODS:
+    raise ValueError(f'unknown pruning method {method!r}; methods: {", ".join(METHODS)}')
+  masks.check_sparsity(sparsity)
+  masks.check_nm(nm)
+  if method in ('wanda', 'sparsegpt') and scope != 'layer':
+    raise ValueError(f'{method} ranks weights within each layer: scope must be layer')
+  selected = paths.select(params, include, exclude)
+  flat = paths.flatten(params)
+  for p in selected:
+    stack, inputs, _ = paths.matrix_shape(p, flat[p].shape)
+    masks.check_nm(nm, inputs, p)   # N:M needs M to divide every selected weight's inputs
+    if method in ('wanda', 'sparsegpt') and stack != 1:
+      raise ValueError(f'{method} prunes plain kernels; {p} is a stack of {stack} '
+                       f'(exclude expert weights or use magnitude)')
+  return selected
 
 
 def _block_of(path: str) -> str:
@@ -84,9 +99,6 @@ def _layer_by_layer(params, method, sparsity, nm, selected, model, batches, bloc
                                          gram=method == 'sparsegpt')
     for p in group_paths:
       mats, back = paths.as_matrices(p, flat[p])
-      if mats.shape[0] != 1:
-        raise ValueError(f'{method} prunes plain kernels; {p} is a stack of {mats.shape[0]} '
-                         f'(exclude expert weights or use magnitude)')
       w = mats[0]
       if method == 'wanda':
         mask = calibrated.wanda_mask(w, stats[p]['sq'], sparsity, nm)

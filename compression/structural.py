@@ -19,14 +19,42 @@ from compression import paths
 IMPORTANCE = ('l1', 'l2', 'taylor')
 
 
-def _check(cfg, fraction: float, importance: str, grads) -> None:
+KINDS = ('ffn', 'heads', 'layers', 'experts')
+
+
+def check(kind: str, cfg, amount, importance: str = 'l2', grads=None) -> None:
+  """Everything removing `amount` units of `kind` can reject, from the config alone.
+
+  `amount` is a fraction in [0, 1), or for 'layers' a number of blocks. Raises ValueError in one
+  line.
+  """
+  if kind not in KINDS:
+    raise ValueError(f'unknown structural kind {kind!r}; kinds: {", ".join(KINDS)}')
   if cfg.scan_layers or cfg.n_unique_layers is not None:
     raise ValueError('structural pruning needs unrolled, unshared layers (scan_layers=False, '
                      'n_unique_layers=None)')
-  if not 0 <= fraction < 1:
-    raise ValueError(f'fraction={fraction!r} must be in [0, 1)')
   if importance not in IMPORTANCE:
     raise ValueError(f'importance={importance!r} is not one of {", ".join(IMPORTANCE)}')
+  if kind == 'layers':
+    if not float(amount).is_integer() or not 0 <= amount < cfg.n_layers:
+      raise ValueError(f'layers: n_remove={amount} must be an integer in [0, {cfg.n_layers})')
+    return
+  if not 0 <= amount < 1:
+    raise ValueError(f'{kind}: fraction={amount!r} must be in [0, 1)')
+  if kind == 'ffn' and cfg.n_experts:
+    raise ValueError('ffn prunes dense MLPs; prune experts with `experts`')
+  if kind == 'heads' and cfg.kv_heads - int(round(cfg.kv_heads * amount)) < 1:
+    raise ValueError(f'heads: fraction={amount} would remove all {cfg.kv_heads} key/value heads')
+  if kind == 'experts':
+    if not cfg.n_experts:
+      raise ValueError('experts: the model has no experts (n_experts=0)')
+    n_keep = cfg.n_experts - int(round(cfg.n_experts * amount))
+    if n_keep < cfg.experts_per_token:
+      raise ValueError(f'experts: keeping {n_keep} experts is fewer than experts_per_token='
+                       f'{cfg.experts_per_token}')
+
+
+def _check_grads(importance: str, grads) -> None:
   if importance == 'taylor' and grads is None:
     raise ValueError('taylor importance needs gradients (compression.calibration.gradients)')
 
@@ -69,9 +97,8 @@ def ffn_neurons(cfg, params, fraction: float, importance: str = 'l2', grads=None
 
   Returns (cfg, params, {layer: kept neuron indices}).
   """
-  _check(cfg, fraction, importance, grads)
-  if cfg.n_experts:
-    raise ValueError('ffn_neurons prunes dense MLPs; prune experts with `experts`')
+  check('ffn', cfg, fraction, importance)
+  _check_grads(importance, grads)
   n_keep = cfg.d_ff - int(round(cfg.d_ff * fraction))
   params = jax_tree_copy(params)
   keep = {}
@@ -97,11 +124,10 @@ def attention_heads(cfg, params, fraction: float, importance: str = 'l2', grads=
   Grouped-query models keep their grouping: a kv head and the query heads reading it go
   together. Returns (cfg, params, {layer: kept query heads}).
   """
-  _check(cfg, fraction, importance, grads)
+  check('heads', cfg, fraction, importance)
+  _check_grads(importance, grads)
   groups, per_group, h = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
   n_keep = groups - int(round(groups * fraction))
-  if n_keep < 1:
-    raise ValueError(f'fraction={fraction} would remove all {groups} key/value heads')
   params = jax_tree_copy(params)
   keep = {}
   for layer in _layers(params):
@@ -129,9 +155,8 @@ def attention_heads(cfg, params, fraction: float, importance: str = 'l2', grads=
 
 def layers(cfg, params, n_remove: int, importance: str = 'l2', grads=None):
   """Removes the `n_remove` least important whole blocks; returns (cfg, params, kept layers)."""
-  _check(cfg, 0.0, importance, grads)
-  if not 0 <= n_remove < cfg.n_layers:
-    raise ValueError(f'n_remove={n_remove} must be in [0, {cfg.n_layers})')
+  check('layers', cfg, n_remove, importance)
+  _check_grads(importance, grads)
   names = _layers(params)
   scores = []
   for layer in names:
@@ -151,13 +176,9 @@ def layers(cfg, params, n_remove: int, importance: str = 'l2', grads=None):
 
 def experts(cfg, params, fraction: float, importance: str = 'l2', grads=None):
   """Removes round(n_experts * fraction) experts of every MoE layer (and their router columns)."""
-  _check(cfg, fraction, importance, grads)
-  if not cfg.n_experts:
-    raise ValueError('the model has no experts (n_experts=0)')
+  check('experts', cfg, fraction, importance)
+  _check_grads(importance, grads)
   n_keep = cfg.n_experts - int(round(cfg.n_experts * fraction))
-  if n_keep < cfg.experts_per_token:
-    raise ValueError(f'keeping {n_keep} experts is fewer than experts_per_token='
-                     f'{cfg.experts_per_token}')
   params = jax_tree_copy(params)
   keep = {}
   for layer in _layers(params):

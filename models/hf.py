@@ -38,9 +38,8 @@ def from_pretrained(path, **overrides):
     The model and its parameters as plain jnp arrays.
   """
   path = pathlib.Path(path)
-  hf_config = hf_files.read_config(path)
-  arch = _architecture(hf_config, path)
-  cfg = arch.config_from_hf(hf_config).replace(**overrides)
+  arch = _architecture(hf_files.read_config(path), path)
+  cfg = config_from_pretrained(path, **overrides)
   if cfg.unique_layers != cfg.n_layers:
     raise ValueError(f'n_unique_layers={cfg.n_unique_layers}: a checkpoint holds every layer, '
                      'so loaded layers cannot be shared')
@@ -48,6 +47,13 @@ def from_pretrained(path, **overrides):
   if cfg.scan_layers:
     params = stack_layers(params, cfg)
   return Transformer(cfg), params
+
+
+def config_from_pretrained(path, **overrides) -> ModelConfig:
+  """The `ModelConfig` of a Hugging Face checkpoint directory, reading only its config.json."""
+  path = pathlib.Path(path)
+  hf_config = hf_files.read_config(path)
+  return _architecture(hf_config, path).config_from_hf(hf_config).replace(**overrides)
 
 
 def _load_params(path: pathlib.Path, arch: Architecture, cfg: ModelConfig) -> dict:
