@@ -18,7 +18,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import sharding
-from experiments import flops, memory, steps, train
+from experiments import cli, flops, memory, runtime, steps, validate
+from experiments.errors import UserError
 from models import Transformer
 from models.transformer import REMAT_POLICIES
 
@@ -59,7 +60,7 @@ class Result:
 def benchmark(config, n_steps: int, vocab: int) -> Result:
   """Measures `config`'s train step on its mesh; `config.batch_size` rows of random tokens."""
   model = Transformer(steps.model_config(config, vocab))
-  placement = train.Placement(config, model,
+  placement = runtime.Placement(config, model,
                               steps.make_optimizer(config.optimizer, config.num_train_steps))
   est = memory.estimate(config, model, placement.abstract, placement.mesh, placement.rules)
   state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
@@ -103,15 +104,24 @@ def report(config, r: Result) -> str:
           f'{fmt(r.peak_bytes)}')
 
 
+@cli.guarded
 def main(argv):
-  del argv
+  cli.quiet_libraries()
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}')
   config = _CONFIG.value
+  cli.check_is_config(config, flags.FLAGS['config'].config_filename)
+  validate.check_kind(config, 'train')
+  validate.check_fields(config)
+  validate.check_mesh(config)
+  if _STEPS.value <= 0 or _VOCAB.value < 0:
+    raise UserError(f'--steps={_STEPS.value} must be positive and --vocab_size='
+                    f'{_VOCAB.value} >= 0')
   vocab = _VOCAB.value or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
   policies = _REMAT.value or [config.model.remat]
   for policy in policies:
     if policy != 'none' and policy not in REMAT_POLICIES:
-      raise app.UsageError(f'--remat: {policy!r} is not one of none, '
-                           f'{", ".join(REMAT_POLICIES)}')
+      raise UserError(f'--remat: {policy!r} is not one of none, {", ".join(REMAT_POLICIES)}')
   mesh = sharding.mesh_shape(config.mesh, jax.device_count())
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind} | mesh '
         f'{" ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"} | rules '
@@ -125,4 +135,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,15 +1,16 @@
 """Entry point: `python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=DIR`.
 
-Modes: train (default; resumes from the workdir's latest checkpoint), eval, sample (--prompt).
+Modes: train (default; resumes from the workdir's latest checkpoint), eval, sample (--prompt),
+prune (experiments/configs/prune.py configs). Bad input and run-level failures print one line
+`error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params` starts over in a
+workdir whose run has another configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
 more is needed; elsewhere add --coordinator_address=HOST:PORT (process 0's) --num_processes=N
 --process_id=I.
-Kept short: the logic lives in importable modules (`experiments.train`).
+Kept short: the logic lives in importable modules (`experiments.train`, `experiments.runtime`).
 """
 
 import json
-import logging as pylogging
-import sys
 
 from absl import app, flags, logging
 from etils import epath
@@ -18,13 +19,18 @@ from ml_collections import config_flags
 import jax
 
 import sharding
-from experiments import prune, train, validate
+from experiments import cli, prune, runtime, train, validate
+from experiments.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, samples.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample', 'prune'], 'What to do: '
                           'prune runs experiments/configs/prune.py configs.')
+_RESUME = flags.DEFINE_enum('resume', 'auto', list(validate.RESUME),
+                            'train: auto (continue the workdir\'s run; refuse one of another '
+                            'config), new (archive it and start over), params (archive it, '
+                            'start a new run from its parameters).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for --mode=sample.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
@@ -36,65 +42,40 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def parse_flags(argv):
-  """absl flag parsing, with bad flags and config overrides reported in one line, no traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if isinstance(e, (AttributeError, KeyError)):
-      key = str(e).strip('"\'')
-      culprit = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=')[0]]
-      sys.exit(f'error: unknown config field {key!r} in {culprit[0] if culprit else argv[1:]}')
-    lines = [l for l in str(e).strip().splitlines() if l.strip()]
-    sys.exit(f'error: {lines[-1] if lines else type(e).__name__}')
-
-
-class _OwnInfoOnly(pylogging.Filter):
-  """Keeps warnings from everyone but INFO lines only from this project (libraries are chatty)."""
-
-  def filter(self, record):
-    return record.levelno >= pylogging.WARNING or '/experiments/' in record.pathname or (
-        '/models/' in record.pathname)
-
-
+@cli.guarded
 def main(argv):
-  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  cli.quiet_libraries()
   if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  config, workdir = _CONFIG.value, epath.Path(_WORKDIR.value)
-  if _MODE.value == 'prune':
-    try:
-      prune.run(config, workdir)
-    except (ValueError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
+    raise UserError(f'unexpected arguments {argv[1:]}')
+  config, workdir, mode = _CONFIG.value, epath.Path(_WORKDIR.value), _MODE.value
+  cli.check_is_config(config, flags.FLAGS['config'].config_filename)
+  validate.check_kind(config, mode)
+  if _RESUME.value != 'auto' and mode != 'train':
+    raise UserError(f'--resume={_RESUME.value} applies to --mode=train only')
+  if mode == 'prune':
+    prune.run(config, workdir)
     print((workdir / 'results.md').read_text())
     return
   try:
     sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                         _DISTRIBUTED.value)
-    validate.check(config, workdir, _MODE.value)
   except ValueError as e:
-    sys.exit(f'error: {e}')
-  lead = jax.process_index() == 0   # the one process that writes files and prints
+    raise UserError(str(e)) from None
+  lead = jax.process_index() == 0   # the one process that prints
   if not lead:
     logging.set_verbosity(logging.WARNING)
-  if _MODE.value == 'train':
-    signature = workdir / 'model.json'
-    if lead and not signature.exists():
-      signature.write_text(json.dumps(validate.model_signature(config), indent=2))
-    if lead:
-      (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    metrics = train.train_and_evaluate(config, workdir)
+  if mode == 'train':
+    metrics = train.train_and_evaluate(config, workdir, _RESUME.value)
     logging.info('final eval: %s', metrics)
-  elif _MODE.value == 'eval':
-    metrics = train.evaluate(config, workdir)
+  elif mode == 'eval':
+    metrics = runtime.evaluate(config, workdir)
     if lead:
       print(json.dumps(metrics, indent=2))
   else:
-    text = train.sample(config, workdir, _PROMPT.value)
+    text = runtime.sample(config, workdir, _PROMPT.value)
     if lead:
       print(text)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

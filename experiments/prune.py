@@ -17,8 +17,11 @@ Variant specs (comma-separated in `config.variants`):
 
 import json
 import logging
+import math
+import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,10 +30,12 @@ from etils import epath
 
 import compression
 from compression import structural
-from experiments import data, steps, train
+from experiments import data, runtime, steps, validate
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
 from models import Transformer, hf, unstack_layers
 
-STRUCTURAL = ('ffn', 'heads', 'layers', 'experts')
+STRUCTURAL = structural.KINDS
 
 
 def parse_variant(spec: str) -> dict:
@@ -42,32 +47,96 @@ def parse_variant(spec: str) -> dict:
     name, scope = name[:-len('_global')], 'global'
   known = compression.METHODS + STRUCTURAL
   if name not in known:
-    raise ValueError(f'variant {spec!r}: unknown method {name!r}; known: {", ".join(known)}')
+    raise UserError(f'variant {spec!r}: unknown method {name!r}; known: {", ".join(known)}')
   try:
     numbers = [float(a) for a in args]
   except ValueError:
-    raise ValueError(f'variant {spec!r}: expected numbers after the method') from None
+    raise UserError(f'variant {spec!r}: expected numbers after the method') from None
   if name in STRUCTURAL:
     if len(numbers) != 1:
-      raise ValueError(f'variant {spec!r}: give one amount, e.g. {name}:0.25')
-    amount = int(numbers[0]) if name == 'layers' else numbers[0]
-    return dict(spec=spec, kind=name, amount=amount)
-  if len(numbers) == 1:
-    compression.masks.check_sparsity(numbers[0])
-    return dict(spec=spec, method=name, sparsity=numbers[0], nm=None, scope=scope)
-  if len(numbers) == 2 and all(n.is_integer() for n in numbers):
-    nm = (int(numbers[0]), int(numbers[1]))
-    compression.masks.check_nm(nm)
-    return dict(spec=spec, method=name, sparsity=0.0, nm=nm, scope=scope)
-  raise ValueError(f'variant {spec!r}: use method:sparsity or method:N:M')
+      raise UserError(f'variant {spec!r}: give one amount, e.g. {name}:0.25')
+    amount = numbers[0]
+    return dict(spec=spec, kind=name, amount=int(amount) if amount.is_integer() and
+                name == 'layers' else amount)
+  try:
+    if len(numbers) == 1:
+      compression.masks.check_sparsity(numbers[0])
+      return dict(spec=spec, method=name, sparsity=numbers[0], nm=None, scope=scope)
+    if len(numbers) == 2 and all(n.is_integer() for n in numbers):
+      nm = (int(numbers[0]), int(numbers[1]))
+      compression.masks.check_nm(nm)
+      return dict(spec=spec, method=name, sparsity=0.0, nm=nm, scope=scope)
+  except ValueError as e:
+    raise UserError(f'variant {spec!r}: {e}') from None
+  raise UserError(f'variant {spec!r}: use method:sparsity or method:N:M')
 
 
 def source_config(source_workdir) -> ml_collections.ConfigDict:
   path = epath.Path(source_workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(f'{source_workdir} has no config.json: train there first (or point '
-                            f'config.source_workdir at a training run)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  if not path.is_file():
+    raise UserError(f'config.source_workdir={str(source_workdir)!r} has no config.json: train '
+                    f'there first (or point it at a training run)')
+  return ml_collections.ConfigDict(workdir_lib.read_json(path, 'the source run\'s config'))
+
+
+def _positive_int(config, name: str, minimum: int = 1) -> None:
+  value = config[name]
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise UserError(f'config.{name}={value!r} must be an integer >= {minimum}')
+
+
+def check(config, workdir):
+  """Validates a pruning config, its workdir and its source before any work is done.
+
+  Every variant is checked against the source model's shapes, so none fails after others ran.
+  Returns (the source run's config, the parsed variants).
+  """
+  validate.check_kind(config, 'prune')
+  variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
+  if not variants:
+    raise UserError('config.variants is empty: name at least one, e.g. wanda:0.5')
+  for name in ('calibration_batches', 'calibration_rows', 'rounds'):
+    _positive_int(config, name)
+  _positive_int(config, 'finetune_steps', 0)
+  _positive_int(config, 'seed', 0)
+  if config.importance not in structural.IMPORTANCE:
+    raise UserError(f'config.importance={config.importance!r} is not one of '
+                    f'{", ".join(structural.IMPORTANCE)}')
+  lr = config.finetune_learning_rate
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise UserError(f'config.finetune_learning_rate={lr!r} must be a finite number > 0')
+  src = source_config(config.source_workdir)
+  validate.check_kind(src, 'train')
+  validate.check_fields(src)
+  data.check_available(src.data)
+  if config.get('hf_path'):
+    try:
+      cfg = hf.config_from_pretrained(config.hf_path)
+    except (OSError, ValueError, KeyError) as e:
+      raise UserError(f'config.hf_path={config.hf_path!r}: {e}') from None
+  else:
+    validate.check_run(src, epath.Path(config.source_workdir))
+    cfg = steps.model_config(src, src.data.vocab_size)
+  cfg = cfg.replace(scan_layers=False)
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
+  for v in variants:
+    try:
+      if 'kind' in v:
+        structural.check(v['kind'], cfg, v['amount'], config.importance)
+      else:
+        compression.pruning.check(shapes, v['method'], v['sparsity'], nm=v['nm'],
+                                  scope=v['scope'])
+    except ValueError as e:
+      raise UserError(f'variant {v["spec"]!r}: {e}') from None
+  workdir = epath.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f'--workdir={workdir} is a file, not a directory')
+  if os.path.abspath(str(workdir)) == os.path.abspath(str(config.source_workdir)):
+    raise UserError(f'--workdir={workdir} is the source run: pruning writes its results '
+                    f'elsewhere and never touches the source')
+  validate.check_writable(workdir)
+  return src, variants
 
 
 def _batches(config, src, tokenizer, n: int, seed: int):
@@ -104,9 +173,9 @@ def _finetune(config, src, model, params, tokenizer, mask_tree, n_steps: int):
 
 
 def _evaluate(src, model, params, tokenizer) -> float:
-  placement = train.Placement(src, model, steps.make_optimizer(src.optimizer, 1))
+  placement = runtime.Placement(src, model, steps.make_optimizer(src.optimizer, 1))
   layout = jax.tree.map(lambda x: x.sharding, placement.abstract.params)
-  return train.evaluate_params(src, jax.device_put(params, layout), model, tokenizer,
+  return runtime.evaluate_params(src, jax.device_put(params, layout), model, tokenizer,
                                placement)['nats_per_byte']
 
 
@@ -129,19 +198,21 @@ def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2
 def run(config, workdir) -> list:
   """Runs every variant; returns the result rows (also written to results.json / results.md)."""
   workdir = epath.Path(workdir)
-  variants = [parse_variant(s) for s in config.variants.split(',') if s.strip()]
-  if not variants:
-    raise ValueError('config.variants is empty: name at least one, e.g. wanda:0.5')
-  src = source_config(config.source_workdir)
+  src, variants = check(config, workdir)
+  with workdir_lib.claim(workdir):
+    return _run(config, workdir, src, variants)
+
+
+def _run(config, workdir, src, variants) -> list:
   if config.get('hf_path'):   # a Hugging Face checkpoint, evaluated on the source run's data
-    tokenizer, _, _ = train.setup(src)
+    tokenizer, _, _ = runtime.setup(src, config.source_workdir)
     model, params = hf.from_pretrained(config.hf_path)
     step = 0
     if model.config.vocab_size < tokenizer.vocab_size:
-      raise ValueError(f'{config.hf_path}: vocab_size={model.config.vocab_size} is smaller than '
-                       f'the {tokenizer.vocab_size} ids of the source run\'s tokenizer')
+      raise UserError(f'{config.hf_path}: vocab_size={model.config.vocab_size} is smaller than '
+                      f'the {tokenizer.vocab_size} ids of the source run\'s tokenizer')
   else:
-    step, model, tokenizer, params, _ = train.load_params(src, config.source_workdir)
+    step, model, tokenizer, params, _ = runtime.load_params(src, config.source_workdir)
   if model.config.scan_layers:   # calibration and structural pruning see one block at a time
     params = unstack_layers(params, model.config)
     model = Transformer(model.config.replace(scan_layers=False))

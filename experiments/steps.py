@@ -136,10 +136,17 @@ def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int
   (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
   n = jnp.maximum(sums['tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads)
-  state = state.apply_gradients(grads=grads)
-  metrics = dict(loss=sums['ce'] / n, z_loss=sums['z'] / n, grad_norm=optax.tree.norm(grads),
+  grad_norm = optax.tree.norm(grads)
+  # A step whose loss or gradients are not finite is not applied: parameters and optimizer
+  # state stay as they were (only the step count advances), so no NaN ever reaches them. The
+  # flag travels with the metrics; the host decides whether to go on (train.py).
+  finite = jnp.isfinite(sums['ce'] + sums['z']) & jnp.isfinite(grad_norm)
+  updated = state.apply_gradients(grads=grads)
+  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state).replace(
+      step=updated.step)
+  metrics = dict(loss=sums['ce'] / n, z_loss=sums['z'] / n, grad_norm=grad_norm,
                  bits_per_byte=sums['ce'] / math.log(2) / jnp.maximum(sums['bytes'], 1.0),
-                 tokens=sums['tokens'])
+                 tokens=sums['tokens'], finite=finite)
   metrics.update({k: v / n for k, v in sums.items() if k in MOE_METRICS})
   return state, metrics
 

@@ -1,151 +1,137 @@
-"""The training loop: `train_and_evaluate(config, workdir)`, plus `evaluate` and `sample`.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
-Reads top to bottom: data, model and state, resume, then the loop (step, log, evaluate,
-checkpoint). Everything is importable, so a Colab can call these functions directly.
+Reads top to bottom: checks, the workdir's lock, data, model and state, resume, then the loop
+(step, log, checkpoint, evaluate). Everything is importable, so a Colab can call these
+functions directly and gets the same run as the command line.
+
+What protects a run: `validate.check` rejects bad input before anything is written; the
+workdir lock keeps a second run out; a resume must match the run's signature
+(`workdir.signature`) and state layout; damaged checkpoints are set aside, not deleted
+(`checkpoints.Checkpoints`); non-finite steps are never applied or saved (`steps.train_step`,
+`metrics.StepMonitor`); SIGTERM and SIGINT checkpoint and stop; every exit waits for the
+checkpoint being written.
 """
 
 import functools
 import logging
 import signal
-import time
+import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 import sharding
-from experiments import checkpoints, data, flops, memory, steps
-from experiments.metrics import MetricWriter, Progress
-from models import Transformer, decode
+from experiments import checkpoints, data, flops, memory, metrics as metrics_lib, steps, validate
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
+from experiments.metrics import MetricWriter, Progress, StepMonitor
+from experiments.runtime import (Placement, evaluate_params, sample_texts, setup,
+                                 tokenizer_sha256)
 
 
-class _StopFlag:
-  """Set by SIGTERM (preemption): the loop then checkpoints and returns cleanly."""
+class StopRequest:
+  """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to checkpoint and return cleanly.
+
+  A second Ctrl-C interrupts at once (the checkpoint being written is still waited for).
+  """
 
   def __init__(self):
-    self.stop = False
-    self._previous = None
+    self.requested = False
+    self._previous = {}
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():   # signals reach only that one
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint and stopping')
-    self.stop = True
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning('%s received: saving a checkpoint and stopping (the run resumes from it)',
+                    signal.Signals(signum).name)
+    self.requested = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
-def setup(config):
-  """Data preparation, tokenizer, model and optimizer shared by all modes.
+def _start_state(ckpts, placement: Placement, signature, params_from):
+  """(step, state, data position): the newest checkpoint, or a fresh state (with the parameters
+  of `params_from`, a checkpoint folder, when given)."""
+  restored = ckpts.restore_latest(placement.abstract, signature)
+  if restored is not None:
+    logging.info('resumed from the checkpoint at step %d', restored.step)
+    return restored.step, restored.state, restored.data
+  state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
+  if params_from is not None:
+    state_sh = jax.tree.map(lambda x: x.sharding, placement.abstract)
+    params = checkpoints.restore_params(params_from, placement.abstract.params)
+    init_opt = jax.jit(state.tx.init, out_shardings=state_sh.opt_state)
+    state = state.replace(params=params, opt_state=init_opt(params))
+    logging.info('new run from the parameters of %s', params_from)
+  return 0, state, None
 
-  Process 0 prepares the data and trains the tokenizer first, so hosts sharing a data_dir reuse
-  its files; hosts with their own disks build theirs, and every host must end up with the same
-  tokenizer.
+
+def _set_aside_previous_run(workdir, resume: str):
+  """For --resume=new/params: archives the workdir's run; returns the checkpoint to take
+  parameters from (params) or None."""
+  if resume == 'auto':
+    return None
+  present = any((workdir / name).exists() for name in workdir_lib.RUN_FILES)
+  source = None
+  if present:
+    if jax.process_index() == 0:
+      workdir_lib.archive(workdir)
+    sharding.sync('previous run archived')
+    archived = sorted((p for p in (workdir / 'archive').iterdir() if p.name.isdigit()),
+                      key=lambda p: int(p.name))[-1]
+    if resume == 'params':
+      steps_there = workdir_lib.checkpoint_steps(archived)
+      source = archived / 'checkpoints' / str(steps_there[-1]) if steps_there else None
+  if resume == 'params' and source is None:
+    raise UserError(f'--resume=params found no checkpoint in {workdir}')
+  return source
+
+
+def train_and_evaluate(config, workdir, resume: str = 'auto') -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics.
+
+  `resume`: 'auto' continues the workdir's run and refuses one of another configuration;
+  'new' archives that run (workdir/archive/<n>/) and starts over; 'params' archives it and
+  starts a new run (step 0, fresh optimizer) from its newest parameters. Raises `UserError`
+  (one line) for bad input, a busy workdir or a run that stopped on non-finite values.
   """
-  tokenizer = None
-  for turn in ('first', 'rest'):
-    if (jax.process_index() == 0) == (turn == 'first'):
-      data.prepare(config.data)
-      tokenizer = data.get_tokenizer(config.data)
-    sharding.sync(f'data ready ({turn})')
-  sharding.assert_same('the tokenizer', getattr(tokenizer, 'model_proto', b'') +
-                       tokenizer.token_bytes.tobytes())
-  model = Transformer(steps.model_config(config, tokenizer.vocab_size))
-  tx = steps.make_optimizer(config.optimizer, config.num_train_steps, config.get('pruning'))
-  return tokenizer, model, tx
-
-
-class Placement:
-  """The mesh, the rules, and the jitted steps with their input/output shardings."""
-
-  def __init__(self, config, model, tx):
-    self.mesh = sharding.make_mesh(config.mesh)
-    self.rules = sharding.rules_for(config.sharding_rules)
-    self.init = steps.state_init_fn(model, tx, config.data.seq_len)
-    self.rng = jax.random.key(config.seed)
-    self.abstract = sharding.sharded_abstract(self.init, self.mesh, self.rules, self.rng)
-    state_sh = jax.tree.map(lambda x: x.sharding, self.abstract)
-    batch_sh, repl = sharding.batch_sharding(self.mesh, self.rules), sharding.replicated(self.mesh)
-    self.train_step = jax.jit(
-        functools.partial(steps.train_step, model=model, accum_steps=config.grad_accum_steps,
-                          z_loss=config.optimizer.z_loss, seed=config.seed),
-        in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
-                             in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
-    self.replicated, self._batch_sharding = repl, batch_sh
-    self._rows, self._seq_len = config.batch_size, config.data.seq_len
-
-  def compile_train_step(self, vocab_size: int):
-    """The train step compiled ahead of time for the config's batch (to inspect, then call)."""
-    i32 = jax.ShapeDtypeStruct((self._rows, self._seq_len), jnp.int32,
-                               sharding=self._batch_sharding)
-    batch = dict(inputs=i32, targets=i32, positions=i32, segment_ids=i32,
-                 weights=jax.ShapeDtypeStruct(i32.shape, jnp.float32, sharding=i32.sharding))
-    token_bytes = jax.ShapeDtypeStruct((vocab_size,), jnp.float32, sharding=self.replicated)
-    with self.rules_scope():
-      return self.train_step.lower(self.abstract, batch, token_bytes).compile()
-
-  def batch(self, local_batch):
-    """This host's rows -> one global batch laid out over the mesh."""
-    return sharding.global_batch(local_batch, self.mesh, self.rules)
-
-  def rules_scope(self):
-    return sharding.activation_rules(self.mesh, self.rules)
-
-
-def _restore_or_init(mngr, placement: Placement):
-  """The newest readable checkpoint, restored straight into the mesh layout, or a fresh state."""
-  restored = checkpoints.restore_latest(mngr, placement.abstract)
-  if restored is None:
-    state = sharding.create_sharded(placement.init, placement.mesh, placement.rules,
-                                    placement.rng)
-    return 0, state, None
-  step, state, data_state = restored
-  logging.info('resumed from the checkpoint at step %d', step)
-  return step, state, data_state
-
-
-def evaluate_params(config, params, model, tokenizer, placement: Placement) -> dict:
-  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
-  batches = data.eval_batches(config.data, tokenizer,
-                              batch_size=config.eval_batch_size // jax.process_count(),
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count(),
-                              max_batches=config.eval_batches or None)
-  if not batches:
-    raise ValueError(f'the eval split {config.data.eval_split!r} of {config.data.name!r} is empty')
-  total = None
-  with placement.rules_scope():
-    for batch in batches:
-      sums = placement.eval_step(params, placement.batch(batch), token_bytes)
-      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-  return steps.summarize_eval(jax.device_get(total))
-
-
-def sample_texts(config, params, model, tokenizer, prompts, seed: int = 0):
-  """Continues each prompt text with the sampling settings in `config.sample`."""
-  s = config.sample
-  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-  out = decode.generate(model, params, ids, max_new_tokens=s.max_new_tokens,
-                        rng=jax.random.key(seed), temperature=s.temperature,
-                        top_k=s.top_k or None, top_p=s.top_p, stop_tokens=(tokenizer.eos_id,),
-                        pad_id=tokenizer.pad_id)
-  tokens, lengths = jax.device_get((out.tokens, out.lengths))
-  return [p + tokenizer.decode(list(t[:n])) for p, t, n in zip(prompts, tokens, lengths)]
-
-
-def train_and_evaluate(config, workdir) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics."""
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizer, model, tx = setup(config)
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints)
-  placement = Placement(config, model, tx)
-  step, state, data_state = _restore_or_init(mngr, placement)
+  validate.check(config, workdir, 'train', resume)
+  with StopRequest() as stop, workdir_lib.claim(workdir):
+    params_from = _set_aside_previous_run(workdir, resume)
+    tokenizer, model, tx = setup(config, workdir)
+    signature = workdir_lib.signature(config, tokenizer_sha256(tokenizer))
+    saved = workdir_lib.saved_signature(workdir)
+    if saved is not None and workdir_lib.checkpoint_steps(workdir):
+      changed = workdir_lib.signature_mismatch(saved, signature)
+      if changed:   # only the tokenizer can differ here: validation compared the rest
+        raise UserError(f'--workdir={workdir}: {changed[0]}; the run was trained with another '
+                        f'tokenizer (restore {workdir_lib.TOKENIZER} in the workdir)')
+    ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    try:
+      return _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from)
+    finally:
+      ckpts.wait()   # every exit path, an exception included, finishes the write in flight
+      ckpts.close()
 
+
+def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from) -> dict:
+  lead = jax.process_index() == 0   # the one process that writes files
+  placement = Placement(config, model, tx)
+  step, state, data_state = _start_state(ckpts, placement, signature, params_from)
+  if lead:
+    workdir_lib.record_config(workdir, config, step)
+  total = config.num_train_steps
   per_host = config.batch_size // jax.process_count()
   train_iter = data.train_iterator(config.data, tokenizer, batch_size=per_host, seed=config.seed,
                                    process_index=jax.process_index(),
@@ -157,48 +143,90 @@ def train_and_evaluate(config, workdir) -> dict:
                                placement.replicated)
   writer = MetricWriter(workdir, resume_step=step)
   flops_per_token = flops.train_flops_per_token(model.config, config.data.seq_len)
-  progress = Progress(config.num_train_steps, step, flops_per_token, flops.device_peak_flops())
+  progress = Progress(total, step, flops_per_token, flops.device_peak_flops())
+  monitor = StepMonitor(config, writer, progress, functools.partial(_scalars, config))
+  monitor.last_checkpoint = step or None
   active = (f' ({flops.matmul_params(model.config):,} matmul weights active per token)'
             if model.config.n_experts else '')
   logging.info('model: %s parameters%s, %.3g training FLOPs per token',
                f'{flops.param_count(state.params):,}', active, flops_per_token)
-  train_step = _compile_and_report(config, model, placement, tokenizer.vocab_size)
 
-  eval_metrics = {}
-  t_last, steps_since = time.perf_counter(), 0
-  tokens_per_step = config.batch_size * config.data.seq_len
-  with _StopFlag() as flag:
-    while step < config.num_train_steps and not flag.stop:
+  def save():
+    if lead and monitor.last_checkpoint is None:
+      _record_run(workdir, signature, tokenizer)
+    position = data.iterator_state_to_json(train_iter.get_state())
+    ckpts.save(step, state, checkpoints.data_state(position, signature))
+    monitor.last_checkpoint = step
+
+  def evaluate():
+    result = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step,
+                                  placement, should_stop=lambda: stop.requested)
+    monitor.restart_clock()
+    return result
+
+  evaluated = {r['step']: r for r in metrics_lib.records(workdir) if 'eval_loss' in r}
+  eval_metrics = ({k[len('eval_'):]: v for k, v in evaluated[step].items() if k != 'step'}
+                  if step in evaluated else {})
+  if step and step not in evaluated and (step % config.eval_every == 0 or step == total):
+    eval_metrics = evaluate() or {}   # the run stopped during this evaluation last time
+  if step == total:
+    logging.info('the run is complete (step %d of %d); raise num_train_steps to train on', step,
+                 total)
+  train_step = _compile_and_report(config, model, placement, tokenizer.vocab_size) if (
+      step < total) else None
+  try:
+    while step < total and not stop.requested:
       batch = placement.batch(next(train_iter))
       with placement.rules_scope():
         state, metrics = train_step(state, batch, token_bytes)
       step += 1
-      steps_since += 1
-      if step % config.log_every == 0 or step == config.num_train_steps:
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        tokens_per_s = steps_since * tokens_per_step / (now - t_last)
-        t_last, steps_since = now, 0
-        writer.write(step, dict(train_loss=metrics['loss'], train_bits_per_byte=metrics[
-            'bits_per_byte'], grad_norm=metrics['grad_norm'], z_loss=metrics['z_loss'],
-            learning_rate=steps.learning_rate_schedule(config.optimizer,
-                                                       config.num_train_steps)(step - 1),
-            tokens_per_second=tokens_per_s, **_moe_scalars(metrics)))
-        logging.info(progress.line(step, float(metrics['loss']), tokens_per_s))
-        if 'expert_load' in metrics and (step == config.num_train_steps or flag.stop):
-          report = expert_load_report(metrics['expert_load_per_layer'])
-          logging.info('expert load at step %d (share of routed tokens):\n%s', step, report)
-          writer.write_text(step, 'expert_load', report)
-      if step % config.eval_every == 0 or step == config.num_train_steps:
-        eval_metrics = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step,
-                                            placement)
-        t_last = time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == config.num_train_steps or flag.stop:
-        position = data.iterator_state_to_json(train_iter.get_state())
-        checkpoints.save(mngr, step, state, checkpoints.data_state(position))
-  mngr.wait_until_finished()
-  writer.close()
+      monitor.push(step, metrics)
+      checkpoint_now = step % config.checkpoint_every == 0 or step == total
+      eval_now = step % config.eval_every == 0 or step == total
+      if not (checkpoint_now or eval_now or stop.requested):
+        continue
+      host_metrics = monitor.flush(log=stop.requested)
+      if step == total or stop.requested:
+        _report_expert_load(host_metrics, writer, step)
+      if monitor.streak:
+        logging.warning('no checkpoint or evaluation at step %d: its update was skipped', step)
+        continue
+      if checkpoint_now or stop.requested:
+        save()
+      if eval_now and not stop.requested:
+        eval_metrics = evaluate() or eval_metrics
+      if stop.requested and monitor.last_checkpoint != step:
+        save()   # the stop arrived during the evaluation
+    monitor.flush()
+  finally:
+    writer.close()
   return eval_metrics
+
+
+def _record_run(workdir, signature, tokenizer) -> None:
+  """The run's signature and own tokenizer copy, written with its first checkpoint."""
+  workdir_lib.write_json(workdir / workdir_lib.SIGNATURE, signature)
+  proto = getattr(tokenizer, 'model_proto', None)
+  copy = workdir / workdir_lib.TOKENIZER
+  if proto and not copy.exists():
+    tmp = workdir / f'.{workdir_lib.TOKENIZER}.tmp'
+    tmp.write_bytes(proto)
+    tmp.replace(copy)
+
+
+def _scalars(config, step: int, m) -> dict:
+  """A log line's scalars from one step's host metrics."""
+  lr = steps.learning_rate_schedule(config.optimizer, config.num_train_steps)(step - 1)
+  return dict(train_loss=m['loss'], train_bits_per_byte=m['bits_per_byte'],
+              grad_norm=m['grad_norm'], z_loss=m['z_loss'], learning_rate=lr,
+              **_moe_scalars(m))
+
+
+def _report_expert_load(m, writer, step: int) -> None:
+  if m is not None and 'expert_load' in m:
+    report = expert_load_report(m['expert_load_per_layer'])
+    logging.info('expert load at step %d (share of routed tokens):\n%s', step, report)
+    writer.write_text(step, 'expert_load', report)
 
 
 def _moe_scalars(metrics) -> dict:
@@ -239,9 +267,15 @@ def _compile_and_report(config, model, placement: Placement, vocab_size: int):
   return compiled
 
 
-def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement) -> dict:
-  metrics = evaluate_params(config, params, model, tokenizer, placement)
+def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement,
+                         should_stop=None):
+  metrics = evaluate_params(config, params, model, tokenizer, placement, should_stop)
+  if metrics is None:
+    logging.warning('evaluation at step %d interrupted; it runs again on resume', step)
+    return None
   writer.write(step, {f'eval_{k}': v for k, v in metrics.items()})
+  if not np.isfinite(metrics['loss']):
+    logging.warning('eval at step %d: the loss is not finite (%s)', step, metrics['loss'])
   logging.info('eval at step %d: loss %.4f, %.4f nats/byte, %.4f bits/byte, perplexity %.2f',
                step, metrics['loss'], metrics['nats_per_byte'], metrics['bits_per_byte'],
                metrics['perplexity'])
@@ -254,24 +288,3 @@ def _evaluate_and_sample(config, params, model, tokenizer, writer, step, placeme
   return metrics
 
 
-def load_params(config, workdir):
-  """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`."""
-  tokenizer, model, tx = setup(config)
-  mngr = checkpoints.manager(workdir, config.keep_checkpoints, async_save=False, read_only=True)
-  placement = Placement(config, model, tx)
-  restored = checkpoints.restore_latest(mngr, placement.abstract)
-  if restored is None:
-    raise FileNotFoundError(f'no readable checkpoint in {workdir}/checkpoints: train first')
-  step, state, _ = restored
-  return step, model, tokenizer, state.params, placement
-
-
-def evaluate(config, workdir) -> dict:
-  step, model, tokenizer, params, placement = load_params(config, workdir)
-  metrics = evaluate_params(config, params, model, tokenizer, placement)
-  return dict(step=step, **metrics)
-
-
-def sample(config, workdir, prompt: str, seed: int = 0) -> str:
-  _, model, tokenizer, params, _ = load_params(config, workdir)
-  return sample_texts(config, params, model, tokenizer, [prompt], seed)[0]

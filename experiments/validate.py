@@ -1,95 +1,258 @@
-"""Start-up checks: a bad config or workdir is rejected with one clear line before any work."""
+"""Start-up checks: every config field, the data and the workdir, before any work is done.
 
-import json
-import os
+`check(config, workdir, mode)` raises `UserError` with one line naming the bad value and what
+is allowed. It reads files but writes none (except a probe that the workdir is writable, after
+every other check has passed), compiles nothing and prepares no data.
+"""
+
 import math
+import os
+import re
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from etils import epath
 
+import compression
 import sharding
 from experiments import data, steps
-from models import axes
+from experiments import workdir as workdir_lib
+from experiments.errors import UserError
+from models import Transformer, axes
 
 POSITIVE = ('num_train_steps', 'batch_size', 'grad_accum_steps', 'eval_batch_size', 'log_every',
-            'eval_every', 'checkpoint_every', 'keep_checkpoints')
+            'eval_every', 'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps')
 SCHEDULES = ('cosine', 'linear')
+NONFINITE = ('skip', 'stop')
+RESUME = ('auto', 'new', 'params')
+MODES = ('train', 'eval', 'sample')
 
 
-def model_signature(config) -> dict:
-  """What a checkpoint's shapes depend on; a workdir must not mix two of these."""
-  return dict(model=config.model.to_dict(), tokenizer=config.data.tokenizer,
-              vocab_size=config.data.vocab_size if config.data.tokenizer != 'byte' else None)
+def _bad(field: str, value, allowed: str):
+  raise UserError(f'config.{field}={value!r} {allowed}')
 
 
-def check(config, workdir, mode: str = 'train') -> None:
-  """Raises ValueError with one line naming the bad value and what is allowed."""
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_kind(config, mode: str) -> None:
+  """A training config for train/eval/sample; a pruning config (prune.py) for prune."""
+  is_training = 'model' in config and 'optimizer' in config
+  if mode == 'prune' and is_training:
+    raise UserError('--mode=prune needs a pruning config such as experiments/configs/prune.py; '
+                    'this is a training config')
+  if mode != 'prune' and not is_training:
+    hint = (' (a pruning config: use --mode=prune)' if 'variants' in config else '')
+    raise UserError(f'--mode={mode} needs a training config such as '
+                    f'experiments/configs/shakespeare.py; this one has no model/optimizer{hint}')
+
+
+def check_fields(config) -> None:
+  """Every field of a training config, without touching files."""
   for name in POSITIVE:
-    if not isinstance(config[name], int) or config[name] <= 0:
-      raise ValueError(f'config.{name}={config[name]!r} must be a positive integer')
-  if config.eval_batches < 0:
-    raise ValueError(f'config.eval_batches={config.eval_batches} must be >= 0 (0: all)')
-  if config.optimizer.schedule not in SCHEDULES:
-    raise ValueError(f'config.optimizer.schedule={config.optimizer.schedule!r} is not one of '
-                     f'{", ".join(SCHEDULES)}')
-  if config.optimizer.learning_rate <= 0:
-    raise ValueError(f'config.optimizer.learning_rate={config.optimizer.learning_rate} must be > 0')
-  data.check_config(config.data)
+    if not _is_int(config[name]) or config[name] <= 0:
+      _bad(name, config[name], 'must be a positive integer')
+  if not _is_int(config.eval_batches) or config.eval_batches < 0:
+    _bad('eval_batches', config.eval_batches, 'must be >= 0 (0: the whole split)')
+  if not _is_int(config.seed) or not 0 <= config.seed < 2**31:
+    _bad('seed', config.seed, 'must be an integer in [0, 2**31)')
+  if config.nonfinite not in NONFINITE:
+    _bad('nonfinite', config.nonfinite, f'is not one of {", ".join(NONFINITE)}')
+  _check_optimizer(config.optimizer)
   try:
-    steps.model_config(config, vocab_size=config.data.vocab_size)
+    data.check_config(config.data)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  try:
+    model_cfg = steps.model_config(config, vocab_size=config.data.vocab_size)
   except TypeError as e:   # an unknown field name
-    raise ValueError(f'config.model: {e}') from None
-  shape = sharding.mesh_shape(config.mesh, jax.device_count())
-  rules = sharding.rules_for(config.sharding_rules)
+    raise UserError(f'config.model: {e}') from None
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  if config.data.seq_len > model_cfg.max_len:
+    _bad('data.seq_len', config.data.seq_len,
+         f'exceeds the model\'s max_len={model_cfg.max_len} (raise config.model.max_len)')
+  _check_sample(config.sample, model_cfg)
+  _check_pruning(config, model_cfg)
+
+
+def _check_optimizer(opt) -> None:
+  if opt.schedule not in SCHEDULES:
+    _bad('optimizer.schedule', opt.schedule, f'is not one of {", ".join(SCHEDULES)}')
+  rules = [('learning_rate', lambda v: v > 0, 'must be a finite number > 0'),
+           ('weight_decay', lambda v: v >= 0, 'must be a finite number >= 0'),
+           ('grad_clip', lambda v: v > 0, 'must be a finite number > 0 (the global-norm limit)'),
+           ('eps', lambda v: v >= 0, 'must be a finite number >= 0'),
+           ('b1', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+           ('b2', lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+           ('end_lr_factor', lambda v: 0 <= v <= 1, 'must be in [0, 1] (final / peak rate)'),
+           ('z_loss', lambda v: v >= 0, 'must be a finite number >= 0')]
+  for name, ok, allowed in rules:
+    if not _finite(opt[name]) or not ok(opt[name]):
+      _bad(f'optimizer.{name}', opt[name], allowed)
+  if not _is_int(opt.warmup_steps) or opt.warmup_steps < 0:
+    _bad('optimizer.warmup_steps', opt.warmup_steps, 'must be an integer >= 0')
+
+
+def _check_sample(s, model_cfg) -> None:
+  for name in ('num_prompts', 'top_k'):
+    if not _is_int(s[name]) or s[name] < 0:
+      _bad(f'sample.{name}', s[name], 'must be an integer >= 0 (0: off)')
+  for name in ('prompt_chars', 'max_new_tokens'):
+    if not _is_int(s[name]) or s[name] <= 0:
+      _bad(f'sample.{name}', s[name], 'must be a positive integer')
+  if s.max_new_tokens >= model_cfg.max_len:
+    _bad('sample.max_new_tokens', s.max_new_tokens,
+         f'must be below the model\'s max_len={model_cfg.max_len}')
+  if not _finite(s.temperature) or s.temperature < 0:
+    _bad('sample.temperature', s.temperature, 'must be a finite number >= 0 (0: greedy)')
+  if not _finite(s.top_p) or not 0 < s.top_p <= 1:
+    _bad('sample.top_p', s.top_p, 'must be in (0, 1]')
+
+
+def _check_pruning(config, model_cfg) -> None:
+  p = config.pruning
+  if not _finite(p.final_sparsity) or not 0 <= p.final_sparsity < 1:
+    _bad('pruning.final_sparsity', p.final_sparsity, 'must be in [0, 1) (0: off)')
+  for name in ('start_step', 'end_step'):
+    if not _is_int(p[name]) or p[name] < 0:
+      _bad(f'pruning.{name}', p[name], 'must be an integer >= 0')
+  if not _is_int(p.every) or p.every <= 0:
+    _bad('pruning.every', p.every, 'must be a positive integer')
+  try:
+    re.compile(p.include)
+  except (re.error, TypeError) as e:
+    _bad('pruning.include', p.include, f'is not a regular expression ({e})')
+  if p.final_sparsity == 0:
+    return
+  end = p.end_step or config.num_train_steps
+  if p.start_step > end:
+    _bad('pruning.start_step', p.start_step, f'is after pruning.end_step ({end})')
+  shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  try:
+    compression.paths.select(nn.meta.unbox(shapes), p.include or None)
+  except ValueError as e:
+    _bad('pruning.include', p.include, f'selects nothing: {e}')
+
+
+def check_mesh(config) -> None:
+  """The mesh, the rules and how the batch and the experts divide over them."""
+  try:
+    shape = sharding.mesh_shape(config.mesh, jax.device_count())
+    rules = sharding.rules_for(config.sharding_rules)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   split = math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
   accum = config.grad_accum_steps
   if config.batch_size % (split * accum):
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
-                     f'{split} batch shards of the mesh times grad_accum_steps ({accum})')
+    raise UserError(f'config.batch_size={config.batch_size} must be divisible by the '
+                    f'{split} batch shards of the mesh times grad_accum_steps ({accum})')
   if split % jax.process_count():
-    raise ValueError(f'the mesh splits the batch {split} ways, which does not divide over '
-                     f'{jax.process_count()} processes: give the data/fsdp/expert axes a '
-                     f'multiple of the process count')
+    raise UserError(f'the mesh splits the batch {split} ways, which does not divide over '
+                    f'{jax.process_count()} processes: give the data/fsdp/expert axes a '
+                    f'multiple of the process count')
   experts, expert_split = config.model.get('n_experts') or 0, math.prod(
       shape[a] for a in sharding.mesh_axes_of(rules, axes.EXPERT))
   if experts and experts % expert_split:
-    raise ValueError(f'config.model.n_experts={experts} does not divide over the '
-                     f'{expert_split} expert shards of the mesh')
+    raise UserError(f'config.model.n_experts={experts} does not divide over the '
+                    f'{expert_split} expert shards of the mesh')
   if config.eval_batch_size % split:
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
-                     f'the {split} batch shards of the mesh')
-  _check_workdir(config, epath.Path(workdir), mode)
+    raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
+                    f'the {split} batch shards of the mesh')
 
 
-def _check_workdir(config, workdir: epath.Path, mode: str) -> None:
-  if mode != 'train':
-    if not (workdir / 'checkpoints').exists():
-      raise ValueError(f'--workdir={workdir} holds no checkpoints: train there first')
+def check(config, workdir, mode: str = 'train', resume: str = 'auto') -> None:
+  """Raises UserError with one line naming the bad value and what is allowed."""
+  if mode not in MODES:
+    raise UserError(f'mode {mode!r} is not one of {", ".join(MODES)}')
+  if resume not in RESUME:
+    raise UserError(f'--resume={resume} is not one of {", ".join(RESUME)}')
+  check_kind(config, mode)
+  check_fields(config)
+  check_mesh(config)
+  data.check_available(config.data)
+  workdir = epath.Path(workdir)
+  if mode == 'train':
+    check_train_workdir(config, workdir, resume)
+  else:
+    check_run(config, workdir)
+
+
+def _check_signature(config, workdir, keys=None) -> None:
+  saved = workdir_lib.saved_signature(workdir)
+  if saved is None:
     return
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write_probe.{os.getpid()}'   # hosts may share the workdir
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise ValueError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
-  saved = workdir / 'model.json'
-  current = model_signature(config)
-  if saved.exists():
-    previous = json.loads(saved.read_text())
-    if previous != json.loads(json.dumps(current)):
-      diff = _differences(previous, current)
-      raise ValueError(f'--workdir={workdir} holds a checkpoint of another model ({diff}); '
-                       'use a new workdir')
+  current = workdir_lib.signature(config)
+  if keys is not None:
+    saved = {k: v for k, v in saved.items() if k in keys}
+  problems = workdir_lib.signature_mismatch(saved, current, ignore_sha=True)
+  if problems:
+    more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+    raise UserError(f'--workdir={workdir} holds a run of another configuration '
+                    f'({"; ".join(problems[:3])}{more})' + (
+                        '; resume it with the config it was trained with, or pass '
+                        '--resume=new (archive it, start over) or --resume=params (start over '
+                        'from its parameters)' if keys is None else ''))
 
 
-def _differences(old: dict, new: dict, prefix: str = '') -> str:
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k), new.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      inner = _differences(a, b, f'{prefix}{k}.')
-      out += [inner] if inner else []
-    elif a != b:
-      out.append(f'{prefix}{k}: {a!r} there, {b!r} here')
-  return ', '.join(out)
+def check_train_workdir(config, workdir: epath.Path, resume: str) -> None:
+  """The workdir can be written and its run (if any) is the one this config resumes."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f'--workdir={workdir} is a file, not a directory')
+  steps_on_disk = workdir_lib.checkpoint_steps(workdir)
+  damaged = workdir_lib.damaged_steps(workdir)
+  if resume == 'params':
+    if not steps_on_disk:
+      raise UserError(f'--resume=params needs a checkpoint in {workdir}/checkpoints; there is '
+                      f'none')
+    _check_signature(config, workdir, keys=('model',))
+  elif resume == 'auto' and (steps_on_disk or damaged):
+    _check_signature(config, workdir)
+    if not steps_on_disk:
+      raise UserError(f'every checkpoint of the run in {workdir} is damaged (set aside in '
+                      f'checkpoints/damaged/: {", ".join(damaged)}); pass --resume=new to '
+                      f'archive the run and start over')
+    if steps_on_disk[-1] > config.num_train_steps:
+      raise UserError(f'config.num_train_steps={config.num_train_steps} is below the step of '
+                      f'the newest checkpoint in {workdir} ({steps_on_disk[-1]}); raise it to '
+                      f'train on, or use --mode=eval')
+  check_writable(workdir)
+
+
+def check_writable(workdir: epath.Path) -> None:
+  """A probe file in an existing workdir; else the nearest existing parent must be writable."""
+  if workdir.exists():
+    try:
+      probe = workdir / f'.write_probe.{os.getpid()}'   # hosts may share the workdir
+      probe.write_text('ok')
+      probe.unlink()
+    except OSError as e:
+      raise UserError(f'--workdir={workdir} is not writable ({e.strerror or e})') from None
+    return
+  if not workdir_lib.is_local(workdir):
+    return
+  parent = os.path.abspath(str(workdir))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f'--workdir={workdir} cannot be created: {parent} is a file')
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir={workdir} cannot be created: {parent} is not writable')
+
+
+def check_run(config, workdir: epath.Path) -> None:
+  """A trained run to read: checkpoints exist and were made by this model and tokenizer."""
+  if not workdir.is_dir():
+    raise UserError(f'--workdir={workdir} does not exist: train there first')
+  if not workdir_lib.checkpoint_steps(workdir):
+    damaged = workdir_lib.damaged_steps(workdir)
+    note = f' (damaged, set aside: {", ".join(damaged)})' if damaged else ''
+    raise UserError(f'--workdir={workdir} holds no checkpoint{note}: train there first')
+  _check_signature(config, workdir, keys=('model', 'tokenizer'))

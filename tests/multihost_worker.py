@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import sharding
-from experiments import benchmark, checkpoints, steps, train
+from experiments import benchmark, checkpoints, runtime, steps
 from experiments.configs import shakespeare
 from models import Transformer
 
@@ -31,7 +31,7 @@ def config():
 def run_steps(c, n_steps: int = N_STEPS):
   """(losses, final state, placement) for `n_steps` on the global batches of steps 0, 1, ..."""
   model = Transformer(steps.model_config(c, VOCAB))
-  placement = train.Placement(c, model, steps.make_optimizer(c.optimizer, c.num_train_steps))
+  placement = runtime.Placement(c, model, steps.make_optimizer(c.optimizer, c.num_train_steps))
   state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
   token_bytes = jnp.ones((VOCAB,), jnp.float32)
   per_process = c.batch_size // jax.process_count()
@@ -49,9 +49,9 @@ def run_steps(c, n_steps: int = N_STEPS):
 def main(address: str, process_id: int, out_dir: str):
   sharding.initialize(address, num_processes=2, process_id=process_id)
   losses, state, _ = run_steps(config())
-  mngr = checkpoints.manager(out_dir, keep=1, async_save=False)
-  checkpoints.save(mngr, N_STEPS, state, checkpoints.data_state(json.dumps(dict(pid=process_id))))
-  mngr.wait_until_finished()
+  ckpts = checkpoints.Checkpoints(out_dir, keep=1, async_save=False)
+  ckpts.save(N_STEPS, state, checkpoints.data_state(json.dumps(dict(pid=process_id)), {}))
+  ckpts.wait()
   if jax.process_index() == 0:
     (pathlib.Path(out_dir) / 'losses.json').write_text(json.dumps(dict(
         losses=losses, process_count=jax.process_count(), devices=jax.device_count())))

@@ -14,8 +14,9 @@ import pytest
 import compression
 import sharding
 from compression import paths, schedules, structural
-from experiments import checkpoints, prune, steps, train
+from experiments import checkpoints, prune, runtime, steps, train
 from experiments.configs import prune as prune_configs
+from experiments.errors import UserError
 from experiments.configs import shakespeare
 from models import ModelConfig, Transformer, hf, stack_layers, unstack_layers
 
@@ -128,9 +129,10 @@ def test_masked_weights_stay_zero_through_updates_and_checkpoints(tmp_path):
   for p in paths.select(params):
     assert np.all(np.asarray(flat[p])[~np.asarray(mflat[p])] == 0), p
     assert np.any(np.asarray(flat[p]) != np.asarray(paths.flatten(pruned)[p]))   # it trained
-  mngr = checkpoints.manager(tmp_path, keep=1, async_save=False)
-  checkpoints.save(mngr, 3, state, checkpoints.data_state('{}'))
-  _, restored, _ = checkpoints.restore_latest(mngr, checkpoints.abstract(state))
+  ckpts = checkpoints.Checkpoints(tmp_path, keep=1, async_save=False)
+  ckpts.save(3, state, checkpoints.data_state('{}', {}))
+  ckpts.wait()
+  restored = ckpts.restore_latest(checkpoints.abstract(state)).state
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
 
@@ -300,15 +302,16 @@ def test_prune_runner_end_to_end_leaves_the_source_untouched(tmp_path):
   assert _tree_digest(source) == before
 
   # The same weights as a Hugging Face checkpoint prune through the same path.
-  _, model, _, params, _ = train.load_params(config, source)
+  _, model, _, params, _ = runtime.load_params(config, source)
   hf.save_pretrained(model, params, tmp_path / 'hf')
   pc.update(hf_path=str(tmp_path / 'hf'), rounds=1, finetune_steps=0)
   rows = prune.run(pc, tmp_path / 'from_hf')
   assert rows[0]['nats_per_byte'] == pytest.approx(dense, rel=1e-5)
 
   pc.source_workdir = str(tmp_path / 'missing')
-  with pytest.raises(FileNotFoundError, match='has no config.json'):
+  with pytest.raises(UserError, match='has no config.json'):
     prune.run(pc, tmp_path / 'out2')
+  assert not (tmp_path / 'out2').exists()   # checked before anything was written
 
 
 def test_gradual_pruning_in_the_training_config(tmp_path):
@@ -317,7 +320,7 @@ def test_gradual_pruning_in_the_training_config(tmp_path):
   config.update(num_train_steps=8, sample=dict(num_prompts=0))
   config.pruning.update(final_sparsity=0.5, start_step=0, end_step=6, every=2)
   train.train_and_evaluate(config, tmp_path / 'run')
-  _, _, _, params, _ = train.load_params(config, tmp_path / 'run')
+  _, _, _, params, _ = runtime.load_params(config, tmp_path / 'run')
   flat = paths.flatten(jax.device_get(params))
   for p in paths.select(params):
     assert zeros(flat[p]) == int(flat[p].size * 0.5), p

@@ -5,14 +5,14 @@ import math
 import jax
 import pytest
 
-from experiments import memory, steps, train
+from experiments import memory, runtime, steps
 from experiments.configs import gpt2
 from models import Transformer
 
 
 def placed(config):
   model = Transformer(steps.model_config(config, config.data.vocab_size))
-  placement = train.Placement(config, model, steps.make_optimizer(config.optimizer, 10))
+  placement = runtime.Placement(config, model, steps.make_optimizer(config.optimizer, 10))
   est = memory.estimate(config, model, placement.abstract, placement.mesh, placement.rules)
   return model, placement, est
 

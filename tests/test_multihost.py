@@ -9,7 +9,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import sharding
@@ -57,14 +56,15 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(tmp_p
   np.testing.assert_allclose(written['losses'], losses, rtol=1e-5)
   assert len(set(losses)) == len(losses)   # the steps did update the model
 
-  mngr = checkpoints.manager(tmp_path, keep=1, async_save=False)
-  step, restored, data_state = checkpoints.restore_latest(mngr, placement.abstract)
+  ckpts = checkpoints.Checkpoints(tmp_path, writer=False)
+  r = ckpts.restore_latest(placement.abstract)
+  step, restored, data_state = r.step, r.state, r.data
   assert step == multihost_worker.N_STEPS
   assert [json.loads(s)['pid'] for s in data_state['iterators']] == [0, 1]
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   on_one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                         placement.abstract)
-  _, single, _ = checkpoints.restore_latest(mngr, on_one)
+  single = ckpts.restore_latest(on_one).state
   for tree in (restored, single):
     for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(state)):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
@@ -97,8 +97,7 @@ def test_cli_two_processes_train_resume_then_evaluate_in_one(tmp_path):
   assert [r['step'] for r in lines if 'train_loss' in r] == [1, 2, 3, 4, 5, 6]
   two_process_eval = [r for r in lines if 'eval_loss' in r]
   assert [r['step'] for r in two_process_eval] == [4, 6]
-  mngr = checkpoints.manager(workdir, keep=3, async_save=False)
-  data_state = mngr.restore(6, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
+  data_state = checkpoints.Checkpoints(workdir, writer=False).read_data(6)
   assert len(data_state['iterators']) == 2   # each host's own data position
 
   env = dict(os.environ, JAX_PLATFORMS='cpu')

@@ -243,15 +243,16 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others(tmp_path):
   from experiments import checkpoints   # the training loop's Orbax wrapper
   source = sharding.make_mesh(dict(data=2, fsdp=4))
   state = sharding.create_sharded(init_state, source, 'fsdp', jax.random.key(3))
-  mngr = checkpoints.manager(tmp_path, keep=1, async_save=False)
-  checkpoints.save(mngr, 7, state, checkpoints.data_state('{}'))
-  mngr.wait_until_finished()
+  ckpts = checkpoints.Checkpoints(tmp_path, keep=1, async_save=False)
+  ckpts.save(7, state, checkpoints.data_state('{}', {}))
+  ckpts.wait()
   expected = jax.tree.map(np.asarray, state)
   targets = [(sharding.make_mesh(dict(data=4, fsdp=2)), 'fsdp'),
              (sharding.make_mesh(dict(data=1), devices=jax.devices()[:1]), 'dp')]
   for mesh, rules in targets:
     abstract = sharding.sharded_abstract(init_state, mesh, rules, jax.random.key(3))
-    step, restored, _ = checkpoints.restore_latest(mngr, abstract)
+    r = checkpoints.Checkpoints(tmp_path, writer=False).restore_latest(abstract)
+    step, restored = r.step, r.state
     assert step == 7
     for got, want, target in zip(jax.tree.leaves(restored), jax.tree.leaves(expected),
                                  jax.tree.leaves(abstract)):

@@ -2,10 +2,7 @@
 
 import json
 import os
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -16,41 +13,19 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments import benchmark, checkpoints, flops, steps, train, validate
+from experiments import benchmark, checkpoints, data, flops, runtime, steps, train, validate
+from experiments import workdir as workdir_lib
 from experiments.configs import gpt2 as gpt2_configs
 from experiments.configs import llama as llama_configs
 from experiments.configs import mixtral as mixtral_configs
 from experiments.configs import shakespeare
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
+from models import Transformer
+from tests.runs import ROOT, losses, run_main
 
 def tiny_config(data_dir) -> ml_collections.ConfigDict:
   config = shakespeare.get_config('tiny')
   config.data.data_dir = str(data_dir)
   return config
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('tfds')
-
-
-def run_main(*args, workdir, data_dir, wait=True, extra_env=None):
-  cmd = [sys.executable, '-m', 'experiments.main',
-         '--config=experiments/configs/shakespeare.py:tiny', f'--workdir={workdir}',
-         f'--config.data.data_dir={data_dir}', *args]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **(extra_env or {}))
-  env.pop('XLA_FLAGS', None)   # one CPU device in subprocesses
-  if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
-def losses(workdir):
-  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  return {r['step']: r['train_loss'] for r in map(json.loads, lines) if 'train_loss' in r}
 
 
 def test_loss_falls_on_the_tiny_config(tmp_path, data_dir):
@@ -69,19 +44,19 @@ def test_loss_falls_on_the_tiny_config(tmp_path, data_dir):
 def test_eval_batches_zero_means_the_whole_split(data_dir):
   config = tiny_config(data_dir)
   config.data.seq_len, config.eval_batch_size, config.eval_batches = 256, 64, 0
-  tokenizer, model, tx = train.setup(config)
-  placement = train.Placement(config, model, tx)   # 8-way data parallel on the fake devices
+  tokenizer, model, tx = runtime.setup(config)
+  placement = runtime.Placement(config, model, tx)   # 8-way data parallel on the fake devices
   state = steps.init_state(model, tx, 0, config.data.seq_len)
-  metrics = train.evaluate_params(config, state.params, model, tokenizer, placement)
-  batches = train.data.eval_batches(config.data, tokenizer, batch_size=64)
+  metrics = runtime.evaluate_params(config, state.params, model, tokenizer, placement)
+  batches = data.eval_batches(config.data, tokenizer, batch_size=64)
   assert metrics['tokens'] == sum(float(b['weights'].sum()) for b in batches) > 400_000
   assert metrics['nats_per_byte'] == pytest.approx(metrics['loss'], rel=0.02)   # bytes: 1 token each
 
 
 def test_gradient_accumulation_equals_one_large_batch(data_dir):
   config = tiny_config(data_dir)
-  tokenizer, model, tx = train.setup(config)
-  batch = next(train.data.train_iterator(config.data, tokenizer, batch_size=8, seed=0))
+  tokenizer, model, tx = runtime.setup(config)
+  batch = next(data.train_iterator(config.data, tokenizer, batch_size=8, seed=0))
   token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
   results = []
   for accum in (1, 2, 4):
@@ -112,7 +87,7 @@ def test_weight_decay_mask_and_schedule():
 def test_flops_formula_matches_the_reference_convention():
   config = gpt2_configs.get_config('124m')
   cfg = steps.model_config(config, 50304)
-  model = train.Transformer(cfg)
+  model = Transformer(cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   flat = traverse_util.flatten_dict(nn.meta.unbox(shapes['params']))
   total = sum(int(np.prod(v.shape)) for v in flat.values())
@@ -156,13 +131,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir
   for f in latest.rglob('*'):
     if f.is_file():
       f.write_bytes(b'garbage')
-  tokenizer, model, tx = train.setup(config)
-  mngr = checkpoints.manager(tmp_path, 2, async_save=False)
+  tokenizer, model, tx = runtime.setup(config)
   state = steps.init_state(model, tx, 0, config.data.seq_len)
   with caplog.at_level('WARNING'):
-    step, _, data_state = checkpoints.restore_latest(mngr, checkpoints.abstract(state))
-  assert step == 5 and data_state is not None
+    restored = checkpoints.Checkpoints(tmp_path, 2, writer=False).restore_latest(
+        checkpoints.abstract(state))
+  assert restored.step == 5 and restored.data is not None
   assert 'checkpoint at step 10 is unreadable' in caplog.text
+  assert latest.exists()   # a reader never moves or deletes anything
 
 
 def test_cli_train_eval_sample(tmp_path, data_dir):
@@ -172,7 +148,7 @@ def test_cli_train_eval_sample(tmp_path, data_dir):
   assert r.returncode == 0, r.stderr
   assert 'step 3/3' in r.stderr and (workdir / 'checkpoints' / '3').exists()
   assert 'memory per device (estimate)' in r.stderr and 'estimate/compiled' in r.stderr
-  assert (workdir / 'tensorboard').exists() and (workdir / 'model.json').exists()
+  assert (workdir / 'tensorboard').exists() and (workdir / 'signature.json').exists()
   r = run_main('--mode=eval', workdir=workdir, data_dir=data_dir)
   assert r.returncode == 0, r.stderr
   result = json.loads(r.stdout)
@@ -209,13 +185,13 @@ def test_bad_workdirs_are_rejected(tmp_path, data_dir):
   config = tiny_config(data_dir)
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
-  with pytest.raises(ValueError, match='is not writable'):
+  with pytest.raises(ValueError, match='cannot be created: .* is a file'):
     validate.check(config, blocker / 'run')
-  (tmp_path / 'old').mkdir()
-  (tmp_path / 'old' / 'model.json').write_text(json.dumps(validate.model_signature(config)))
+  (tmp_path / 'old' / 'checkpoints' / '5').mkdir(parents=True)
+  (tmp_path / 'old' / 'signature.json').write_text(json.dumps(workdir_lib.signature(config)))
   validate.check(config, tmp_path / 'old')
   config.model.d_model = 64
-  with pytest.raises(ValueError, match='holds a checkpoint of another model .*d_model: 32 there'):
+  with pytest.raises(ValueError, match='holds a run of another configuration .*d_model: 32 there'):
     validate.check(config, tmp_path / 'old')
 
 
@@ -233,8 +209,13 @@ def test_cli_errors_are_one_line(tmp_path, data_dir):
     (gpt2_configs, ['124m', '350m', 'tiny']), (llama_configs, ['1b', '7b', 'tiny']),
     (mixtral_configs, ['8x7b', 'tiny'])])
 def test_every_config_variant_validates(tmp_path, module, variants):
+  # Fields and mesh only: the accelerator configs read c4, which is not prepared here (reading a
+  # prepared TFDS dataset by name is tested in test_data.py and test_faults.py).
   for arg in variants:
-    validate.check(module.get_config(arg) if arg else module.get_config(), tmp_path / arg)
+    config = module.get_config(arg) if arg else module.get_config()
+    validate.check_fields(config)
+    validate.check_mesh(config)
+    validate.check_train_workdir(config, tmp_path / arg, 'auto')
   with pytest.raises(ValueError, match="unknown variant 'huge'"):
     module.get_config('huge')
 

@@ -22,7 +22,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every = 50                # steps between progress lines / metric writes
   config.eval_every = 500              # steps between evaluations (and at the end)
   config.checkpoint_every = 500        # steps between checkpoints (and at the end / SIGTERM)
-  config.keep_checkpoints = 2          # newest checkpoints kept
+  config.keep_checkpoints = 2          # newest checkpoints kept (older ones go only once a newer
+                                       # one has committed)
+  config.nonfinite = 'skip'            # a step with a non-finite loss or gradient is not applied;
+                                       # 'skip' goes on, 'stop' ends the run there (exit 1)
+  config.max_nonfinite_steps = 10      # consecutive skipped steps after which the run stops
 
   config.mesh = sharding.default_mesh_config()   # device mesh axes (fields in sharding/mesh.py)
   config.sharding_rules = 'dp'         # preset in sharding/rules.py: dp, fsdp, tp, fsdp_tp, ep

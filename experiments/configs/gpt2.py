@@ -35,4 +35,5 @@ def get_config(arg: str = '124m') -> ml_collections.ConfigDict:
     config.update(num_train_steps=10, batch_size=8, log_every=1, eval_every=10, eval_batches=1)
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
     config.model.update(max_len=64, dtype='float32', remat='none')
+    config.sample.update(num_prompts=1, max_new_tokens=16)
   return config

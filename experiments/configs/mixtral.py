@@ -34,4 +34,5 @@ def get_config(arg: str = '8x7b') -> ml_collections.ConfigDict:
     config.data.update(seq_len=64, vocab_size=512, shuffle_window=16)
     config.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_len=128,
                         n_experts=4, dtype='float32', remat='none')
+    config.sample.update(num_prompts=1, max_new_tokens=16)
   return config

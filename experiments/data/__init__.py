@@ -2,7 +2,7 @@
 
 Typical use (the train loop calls exactly these):
 
-  check_config(cfg.data); prepare(cfg.data)
+  check_config(cfg.data); check_available(cfg.data); prepare(cfg.data)
   tokenizer = get_tokenizer(cfg.data)
   batches = train_iterator(cfg.data, tokenizer, batch_size=..., seed=...)   # infinite
   evals = eval_batches(cfg.data, tokenizer, batch_size=..., max_batches=...)
@@ -20,8 +20,9 @@ from experiments.data import pipeline, sources, tokenizers
 from experiments.data.pipeline import iterator_state_from_json, iterator_state_to_json
 from experiments.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
-__all__ = ['default_config', 'check_config', 'prepare', 'get_tokenizer', 'train_iterator',
-           'eval_batches', 'eval_texts', 'iterator_state_to_json', 'iterator_state_from_json',
+__all__ = ['default_config', 'check_config', 'check_available', 'prepare', 'get_tokenizer',
+           'train_iterator', 'eval_batches', 'eval_texts', 'iterator_state_to_json',
+           'iterator_state_from_json',
            'ByteTokenizer', 'SentencePieceTokenizer', 'Tokenizer']
 
 TOKENIZERS = ('byte', 'sentencepiece')
@@ -71,6 +72,14 @@ def check_config(data_config) -> None:
     model_type = c.get('spm_model_type', 'unigram')
     if model_type not in tokenizers.SPM_MODEL_TYPES:
       bad(f'spm_model_type={model_type!r} is not one of {", ".join(tokenizers.SPM_MODEL_TYPES)}')
+
+
+def check_available(data_config) -> None:
+  """Raises UserError unless the dataset, its splits and text feature can be read (see
+  `sources.check`); nothing is prepared or written."""
+  sources.check(data_config.name, data_config.data_dir,
+                dict(train_split=data_config.train_split, eval_split=data_config.eval_split),
+                data_config.text_key)
 
 
 def prepare(data_config) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 BUILDER_NAME = 'shakespeare_plays'  # the TFDS name of `ShakespearePlays`
+SPLITS = ('train', 'validation')
+FEATURES = ('text', 'play', 'genre', 'scene')
 HELD_OUT_PLAYS = ('comedies/twelfth-night', 'histories/richard-ii', 'roman/julius-caesar',
                   'tragedies/macbeth')
 

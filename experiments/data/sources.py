@@ -1,9 +1,13 @@
 """Where documents come from: the embedded plays or any TFDS dataset prepared as array_record."""
 
 import os
+import re
 from typing import Optional
 
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+
+from experiments.errors import UserError
 
 # Importing the module defines (and so registers with TFDS) the embedded corpus's builder.
 from experiments.data import shakespeare
@@ -66,6 +70,98 @@ def prepare(name: str, root: Optional[str] = None) -> None:
     raise FileNotFoundError(
         f'dataset {name!r} is not prepared under {root}; on a machine with network access run '
         f'`tfds build {name} --file_format=array_record --data_dir={root}`')
+
+
+def _split_names(split: str) -> list:
+  """'train[:90%]+validation' -> ['train', 'validation']."""
+  return [part.strip() for part in re.sub(r'\[[^\]]*\]', '', split).split('+')]
+
+
+def check(name: str, root: Optional[str], splits: dict, text_key: str) -> None:
+  """Raises UserError unless `name` can be read: prepared (or the embedded corpus, which is
+  built on first use), with the `splits` ({config field: split}) non-empty, a `text_key`
+  feature, and whole shard files. Reads metadata and shard footers only.
+  """
+  root = data_dir(root)
+  def rebuild(target: str) -> str:
+    if name == EMBEDDED:
+      return f'delete {target} and run again (the embedded corpus is rebuilt in seconds)'
+    return (f'delete {target} and run `tfds build {name} --file_format=array_record '
+            f'--data_dir={root}` on a machine with network access')
+  if name == EMBEDDED:
+    folder = os.path.join(root, shakespeare.BUILDER_NAME, str(shakespeare.ShakespearePlays.VERSION))
+    if not os.path.exists(folder):   # not built yet: check against what the builder will make
+      for field, split in splits.items():
+        _check_split_syntax(field, split, shakespeare.SPLITS)
+      if text_key not in shakespeare.FEATURES:
+        raise UserError(f'data config: text_key={text_key!r} is not a feature of {name!r} '
+                        f'(features: {", ".join(shakespeare.FEATURES)})')
+      return
+  else:
+    folder = _prepared_dir(name, root) or _unprepared_dir(name, root)
+    if folder is None:
+      raise UserError(f'data config: dataset {name!r} is not prepared under {root}; on a machine '
+                      f'with network access run `tfds build {name} --file_format=array_record '
+                      f'--data_dir={root}`')
+  info_file = os.path.join(folder, 'dataset_info.json')
+  if not os.path.exists(info_file):
+    raise UserError(f'damaged data: {info_file} is missing; {rebuild(folder)}')
+  try:
+    builder = tfds.builder_from_directory(folder)
+    features = list(builder.info.features.keys())
+  except Exception as e:  # noqa: BLE001 - any failure to read the metadata is damage
+    raise UserError(f'damaged data: the metadata in {folder} cannot be read '
+                    f'({type(e).__name__}); {rebuild(folder)}') from None
+  if text_key not in features:
+    raise UserError(f'data config: text_key={text_key!r} is not a feature of {name!r} '
+                    f'(features: {", ".join(features)})')
+  for field, split in splits.items():
+    try:
+      info = builder.info.splits[split]
+    except (ValueError, KeyError) as e:
+      raise UserError(f'data config: {field}={split!r}: '
+                      f'{str(e).strip().splitlines()[0]}') from None
+    if info.num_examples == 0:
+      raise UserError(f'data config: {field}={split!r} of {name!r} is empty')
+    for instruction in info.file_instructions:
+      _check_shard(instruction.filename, instruction.examples_in_shard, rebuild(folder))
+
+
+def _check_split_syntax(field: str, split: str, known) -> None:
+  try:
+    tfds.core.ReadInstruction.from_spec(split)
+  except (ValueError, AssertionError) as e:
+    raise UserError(f'data config: {field}={split!r} is not a split expression '
+                    f'({str(e).strip().splitlines()[0]})') from None
+  unknown = [n for n in _split_names(split) if n not in known]
+  if unknown:
+    raise UserError(f'data config: {field}={split!r}: unknown split {unknown[0]!r}; known: '
+                    f'{", ".join(known)}')
+
+
+def _check_shard(path: str, expected: int, fix: str) -> None:
+  """A shard file (on a local disk) exists and holds the records its metadata promises."""
+  if '://' in path:   # object stores: opening every shard's footer would take minutes
+    return
+  if not os.path.exists(path):
+    raise UserError(f'damaged data: {path} is missing; {fix}')
+  try:
+    found = array_record_module.ArrayRecordReader(path).num_records()
+  except Exception as e:  # noqa: BLE001 - an unreadable footer is damage too
+    found = f'an unreadable file ({type(e).__name__})'
+  if found != expected:
+    raise UserError(f'damaged data: {path} holds {found} records, its metadata says {expected}; '
+                    f'{fix}')
+
+
+def _unprepared_dir(name: str, root: str) -> Optional[str]:
+  """A version folder of `name` that exists without its metadata (a damaged preparation)."""
+  base, _, version = name.partition(':')
+  folder = os.path.join(root, *base.split('/'))
+  if not os.path.isdir(folder):
+    return None
+  versions = [v for v in os.listdir(folder) if v[:1].isdigit() and (not version or v == version)]
+  return os.path.join(folder, sorted(versions)[-1]) if versions else None
 
 
 def data_source(name: str, split: str, root: Optional[str] = None):

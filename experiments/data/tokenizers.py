@@ -6,6 +6,7 @@ token converts to bits per byte: sum(loss) / (ln 2 * sum(token_bytes[targets])).
 """
 
 import io
+import logging
 import os
 import pathlib
 import re
@@ -134,14 +135,32 @@ def cache_path(cache_dir: str, dataset: str, split: str, model_type: str,
   return pathlib.Path(cache_dir) / 'tokenizers' / f'{key}.model'
 
 
+def load_sentencepiece(path, vocab_size=None):
+  """The SentencePiece model at `path`, or None when the file is damaged (or of another size)."""
+  try:
+    tokenizer = SentencePieceTokenizer(pathlib.Path(path).read_bytes())
+  except (OSError, RuntimeError, ValueError):
+    return None
+  if vocab_size is not None and tokenizer.vocab_size != vocab_size:
+    return None
+  return tokenizer
+
+
 def cached_sentencepiece(path: pathlib.Path, texts: Iterable[str], vocab_size: int,
                          model_type: str = 'unigram') -> SentencePieceTokenizer:
-  """Loads the model at `path`, training it on `texts` first (and saving it) if missing."""
-  if not path.exists():
-    proto = train_sentencepiece(texts, vocab_size, model_type)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a concurrent reader never sees half a model.
-    tmp = path.with_suffix(f'.tmp{os.getpid()}')
-    tmp.write_bytes(proto)
-    os.replace(tmp, path)
-  return SentencePieceTokenizer(path.read_bytes())
+  """Loads the model at `path`, training it on `texts` first (and saving it) if missing.
+
+  A damaged cache file is trained again and replaced, with a warning.
+  """
+  if path.exists():
+    tokenizer = load_sentencepiece(path, vocab_size)
+    if tokenizer is not None:
+      return tokenizer
+    logging.warning('the cached SentencePiece model %s is damaged; training it again', path)
+  proto = train_sentencepiece(texts, vocab_size, model_type)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Write then rename, so a concurrent reader never sees half a model.
+  tmp = path.with_suffix(f'.tmp{os.getpid()}')
+  tmp.write_bytes(proto)
+  os.replace(tmp, path)
+  return SentencePieceTokenizer(proto)

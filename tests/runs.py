@@ -1,0 +1,60 @@
+"""Helpers for tests that train: the tiny config, the CLI in a subprocess, logged losses."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+
+from experiments.configs import shakespeare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = 'experiments/configs/shakespeare.py:tiny'
+
+
+def tiny_config(data_dir, **changes) -> ml_collections.ConfigDict:
+  """The tiny Shakespeare config on `data_dir`, without samples; `changes` are top-level."""
+  config = shakespeare.get_config('tiny')
+  config.data.data_dir = str(data_dir)
+  config.sample.num_prompts = 0
+  config.update(changes)
+  return config
+
+
+def cli_env(extra=None) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **(extra or {}))
+  env.pop('XLA_FLAGS', None)   # one CPU device in subprocesses
+  return env
+
+
+def run_main(*args, workdir, data_dir, wait=True, extra_env=None, config=TINY, timeout=300,
+             preexec_fn=None):
+  """`python -m experiments.main` on the tiny config; a CompletedProcess, or a Popen if not wait."""
+  cmd = [sys.executable, '-m', 'experiments.main', f'--config={config}', f'--workdir={workdir}',
+         f'--config.data.data_dir={data_dir}', *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
+  return subprocess.run(cmd, cwd=ROOT, env=cli_env(extra_env), capture_output=True, text=True,
+                        timeout=timeout, preexec_fn=preexec_fn)
+
+
+def records(workdir) -> list:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(workdir) -> dict:
+  """{step: train loss} from metrics.jsonl (every line must parse)."""
+  return {r['step']: r['train_loss'] for r in records(workdir) if 'train_loss' in r}
+
+
+def snapshot(path, skip=('.lock',)) -> dict:
+  """{relative path: (size, mtime)} of every file under `path`: equal snapshots = untouched."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return {}
+  return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(path.rglob('*')) if p.is_file() and p.name not in skip}
