@@ -111,12 +111,13 @@ def main(argv):
     raise UserError(f'unexpected arguments {argv[1:]}')
   config = _CONFIG.value
   cli.check_is_config(config, flags.FLAGS['config'].config_filename)
-  validate.check_kind(config, 'train')
+  validate.check_kind(config, 'benchmark')
   validate.check_fields(config)
   validate.check_mesh(config)
-  if _STEPS.value <= 0 or _VOCAB.value < 0:
-    raise UserError(f'--steps={_STEPS.value} must be positive and --vocab_size='
-                    f'{_VOCAB.value} >= 0')
+  if _STEPS.value <= 0:
+    raise UserError(f'--steps={_STEPS.value} must be a positive integer')
+  if _VOCAB.value < 0:
+    raise UserError(f'--vocab_size={_VOCAB.value} must be >= 0 (0: from the config)')
   vocab = _VOCAB.value or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
   policies = _REMAT.value or [config.model.remat]
   for policy in policies:

@@ -14,7 +14,9 @@
 import dataclasses
 import logging
 import os
+import re
 import sys
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -67,29 +69,42 @@ def layout_differences(saved, expected) -> list:
   return out
 
 
-def _quiet_abandoned_reads() -> None:
-  """Hides the echoes of a failed restore.
+def _quiet_orbax_echoes() -> None:
+  """Hides the echoes of a failed checkpoint read or write (installed once, process-wide).
 
-  When one array of a checkpoint cannot be read, Orbax's other reads of it finish later on a
-  closed event loop and each reports the same failure as an 'exception ignored' traceback (dozens
-  of screens). The failure itself has been reported in one line; these echoes are dropped.
+  When one array of a checkpoint cannot be read or written, Orbax's other reads or writes of
+  it finish later on a closed event loop, and each reports the same failure again as an
+  'exception ignored' traceback or an 'exception was never retrieved' log line (dozens of
+  screens). The failure itself always reaches the caller as an exception and is reported there
+  in one line; these echoes are dropped.
   """
   if getattr(sys.unraisablehook, 'frugal_quiet', False):
     return
   previous = sys.unraisablehook
 
   def hook(unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
     text = f'{unraisable.exc_value!r} {unraisable.object!r}'
-    if 'Event loop is closed' in text or '_read_array_index' in text:
+    if ('Event loop is closed' in text or any('/orbax/' in f.filename for f in frames)):
       return
     previous(unraisable)
   hook.frugal_quiet = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(
+      lambda record: 'exception was never retrieved' not in record.getMessage())
 
 
 def _first_line(e: BaseException) -> str:
+  """A short description of a storage error; TensorStore's OS errors by their name."""
   text = str(e).strip()
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code:
+    return f'{os.strerror(int(code.group(1)))} [errno {code.group(1)}]'
   return f'{type(e).__name__}: {text.splitlines()[0][:200] if text else ""}'
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (disk full, permissions): earlier ones are intact."""
 
 
 class Checkpoints:
@@ -101,6 +116,8 @@ class Checkpoints:
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     self.keep, self.writer = keep, writer
+    self._in_flight = None
+    _quiet_orbax_echoes()
     absl_logger = logging.getLogger('absl')
     level = absl_logger.level
     if not writer:   # Orbax warns that a read-only manager will not save: that is the point
@@ -127,19 +144,46 @@ class Checkpoints:
     The previous save is finished first (an error in it is raised here), then rotation keeps
     the newest `keep` committed checkpoints; this one is counted once it has committed.
     """
-    self.mngr.wait_until_finished()
+    self._finish()
     existing = self._rotate()
     if step in existing:   # only a checkpoint the run did not resume from can be in the way
       self._set_aside(step, 'a checkpoint of this step from an earlier attempt is in the way')
       self.mngr.reload()
-    self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 data=ocp.args.JsonSave(data)), force=True)
+    self._in_flight = step
+    try:
+      self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=ocp.args.JsonSave(data)), force=True)
+    except Exception as e:  # noqa: BLE001 - the synchronous part of the write failed
+      raise self._write_error(e) from e
 
-  def wait(self) -> None:
-    """Waits for the save in flight (raising its error, if any), then rotates."""
-    self.mngr.wait_until_finished()
-    if self.writer:
-      self._rotate()
+  def wait(self, raise_errors: bool = True) -> None:
+    """Waits for the save in flight, then rotates. A failed write raises
+    `CheckpointWriteError`, or with `raise_errors=False` (an exception is already on its way)
+    is logged."""
+    try:
+      self._finish()
+      if self.writer:
+        self._rotate()
+    except CheckpointWriteError as e:
+      if raise_errors:
+        raise
+      logging.error('%s', e)
+
+  def _finish(self) -> None:
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - whatever the storage said
+      raise self._write_error(e) from e
+    finally:
+      self._in_flight = None
+
+  def _write_error(self, e: BaseException) -> CheckpointWriteError:
+    committed = self.steps()
+    kept = f'steps {", ".join(map(str, committed))}' if committed else 'none yet'
+    return CheckpointWriteError(
+        f'writing the checkpoint at step {self._in_flight} failed ({_first_line(e)}); the '
+        f'checkpoints already written are intact ({kept}): free disk space (or fix the '
+        f'storage) and run again to resume')
 
   def close(self) -> None:
     self.mngr.close()
@@ -214,7 +258,6 @@ class Checkpoints:
 
   def _unreadable(self, step: int, e: BaseException) -> bool:
     """Handles a failed read; True when the step vanished (rotated by a writer) instead."""
-    _quiet_abandoned_reads()
     if not (self.directory / str(step)).exists():
       return True
     if self.writer:

@@ -10,6 +10,7 @@ import errno
 import functools
 import logging as pylogging
 import os
+import re
 import sys
 
 import ml_collections
@@ -61,7 +62,8 @@ def parse_flags(argv):
       culprit = [a for a in argv[1:] if a.startswith('--config.') and key in a.split('=')[0]]
       sys.exit(f'error: unknown config field {key!r} in {culprit[0] if culprit else argv[1:]}')
     lines = [l for l in str(e).strip().splitlines() if l.strip()]
-    sys.exit(f'error: {lines[-1] if lines else type(e).__name__}')
+    last = re.sub(r'^\w+Error: ', '', lines[-1]) if lines else type(e).__name__
+    sys.exit(f'error: {last}')
   except Exception as e:  # noqa: BLE001 - an exception inside the config file's get_config
     sys.exit(f'error: --config: get_config raised {type(e).__name__}: {e}')
 
@@ -99,10 +101,19 @@ _PROJECT = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 class OwnInfoOnly(pylogging.Filter):
-  """Keeps warnings from everyone but INFO lines only from this project (libraries are chatty)."""
+  """Keeps warnings from everyone but INFO lines only from this project (libraries are chatty).
+
+  A library's error is cut to its first line: the failure it reports reaches the entry point,
+  which says in one line what happened and what to do (`--verbosity=1` keeps the tracebacks).
+  """
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_PROJECT)
+    if record.pathname.startswith(_PROJECT):
+      return True
+    if record.levelno >= pylogging.ERROR and logging.get_verbosity() < logging.DEBUG:
+      record.msg = record.getMessage().strip().split('\n', 1)[0][:300]
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return record.levelno >= pylogging.WARNING
 
 
 def quiet_libraries() -> None:

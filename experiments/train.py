@@ -66,6 +66,8 @@ def _start_state(ckpts, placement: Placement, signature, params_from):
   if restored is not None:
     logging.info('resumed from the checkpoint at step %d', restored.step)
     return restored.step, restored.state, restored.data
+  if workdir_lib.damaged_steps(ckpts.directory.parent) and params_from is None:
+    raise workdir_lib.all_damaged(ckpts.directory.parent)   # never quietly start over
   state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
   if params_from is not None:
     state_sh = jax.tree.map(lambda x: x.sharding, placement.abstract)
@@ -118,11 +120,14 @@ def train_and_evaluate(config, workdir, resume: str = 'auto') -> dict:
         raise UserError(f'--workdir={workdir}: {changed[0]}; the run was trained with another '
                         f'tokenizer (restore {workdir_lib.TOKENIZER} in the workdir)')
     ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
+    failed = True
     try:
-      return _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from)
-    finally:
-      ckpts.wait()   # every exit path, an exception included, finishes the write in flight
+      result = _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from)
+      failed = False
+    finally:   # every exit path, an exception included, finishes the write in flight
+      ckpts.wait(raise_errors=not failed)
       ckpts.close()
+    return result
 
 
 def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from) -> dict:

@@ -42,14 +42,15 @@ def _finite(x) -> bool:
 
 
 def check_kind(config, mode: str) -> None:
-  """A training config for train/eval/sample; a pruning config (prune.py) for prune."""
+  """A training config for train/eval/sample/benchmark; a pruning config for prune."""
   is_training = 'model' in config and 'optimizer' in config
   if mode == 'prune' and is_training:
     raise UserError('--mode=prune needs a pruning config such as experiments/configs/prune.py; '
                     'this is a training config')
   if mode != 'prune' and not is_training:
     hint = (' (a pruning config: use --mode=prune)' if 'variants' in config else '')
-    raise UserError(f'--mode={mode} needs a training config such as '
+    what = 'the benchmark' if mode == 'benchmark' else f'--mode={mode}'
+    raise UserError(f'{what} needs a training config such as '
                     f'experiments/configs/shakespeare.py; this one has no model/optimizer{hint}')
 
 
@@ -216,9 +217,7 @@ def check_train_workdir(config, workdir: epath.Path, resume: str) -> None:
   elif resume == 'auto' and (steps_on_disk or damaged):
     _check_signature(config, workdir)
     if not steps_on_disk:
-      raise UserError(f'every checkpoint of the run in {workdir} is damaged (set aside in '
-                      f'checkpoints/damaged/: {", ".join(damaged)}); pass --resume=new to '
-                      f'archive the run and start over')
+      raise workdir_lib.all_damaged(workdir)
     if steps_on_disk[-1] > config.num_train_steps:
       raise UserError(f'config.num_train_steps={config.num_train_steps} is below the step of '
                       f'the newest checkpoint in {workdir} ({steps_on_disk[-1]}); raise it to '

@@ -135,6 +135,13 @@ def damaged_steps(workdir) -> list:
   return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def all_damaged(workdir) -> UserError:
+  """The refusal to start over quietly where every checkpoint was damaged and set aside."""
+  return UserError(f'every checkpoint of the run in {workdir} is damaged (set aside in '
+                   f'checkpoints/damaged/: {", ".join(damaged_steps(workdir))}); pass '
+                   f'--resume=new to archive the run and start over')
+
+
 def archive(workdir) -> epath.Path:
   """Moves the run's files into archive/<n>/ (n = 1, 2, ...) and returns that folder."""
   workdir = epath.Path(workdir)

@@ -52,9 +52,12 @@ def losses(workdir) -> dict:
 
 
 def snapshot(path, skip=('.lock',)) -> dict:
-  """{relative path: (size, mtime)} of every file under `path`: equal snapshots = untouched."""
+  """{relative path: (size, mtime)} of every file under `path` (None if there is no `path`):
+  equal snapshots mean untouched."""
   path = pathlib.Path(path)
   if not path.exists():
-    return {}
+    return None
+  if path.is_file():
+    return {'': (path.stat().st_size, path.stat().st_mtime_ns)}
   return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
           for p in sorted(path.rglob('*')) if p.is_file() and p.name not in skip}
