@@ -156,9 +156,12 @@ def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params
   logging.info('model: %s parameters%s, %.3g training FLOPs per token',
                f'{flops.param_count(state.params):,}', active, flops_per_token)
 
+  recorded = []
+
   def save():
-    if lead and monitor.last_checkpoint is None:
+    if lead and not recorded:   # binds the workdir to this run from its first checkpoint on
       _record_run(workdir, signature, tokenizer)
+      recorded.append(True)
     position = data.iterator_state_to_json(train_iter.get_state())
     ckpts.save(step, state, checkpoints.data_state(position, signature))
     monitor.last_checkpoint = step
@@ -200,9 +203,9 @@ def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params
         save()
       if eval_now and not stop.requested:
         eval_metrics = evaluate() or eval_metrics
-      if stop.requested and monitor.last_checkpoint != step:
-        save()   # the stop arrived during the evaluation
-    monitor.flush()
+    monitor.flush(log=stop.requested)
+    if stop.requested and monitor.last_checkpoint != step and not monitor.streak:
+      save()   # the stop arrived during an evaluation or between two checks
   finally:
     writer.close()
   return eval_metrics

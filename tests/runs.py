@@ -30,15 +30,18 @@ def cli_env(extra=None) -> dict:
 
 
 def run_main(*args, workdir, data_dir, wait=True, extra_env=None, config=TINY, timeout=300,
-             preexec_fn=None):
-  """`python -m experiments.main` on the tiny config; a CompletedProcess, or a Popen if not wait."""
-  cmd = [sys.executable, '-m', 'experiments.main', f'--config={config}', f'--workdir={workdir}',
-         f'--config.data.data_dir={data_dir}', *args]
+             prefix=()):
+  """`python -m experiments.main` on the tiny config; a CompletedProcess, or a Popen if not wait.
+
+  `prefix` runs it under another command (e.g. a shell that sets limits first).
+  """
+  cmd = [*prefix, sys.executable, '-m', 'experiments.main', f'--config={config}',
+         f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *args]
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
+                            stderr=subprocess.STDOUT, text=True)
   return subprocess.run(cmd, cwd=ROOT, env=cli_env(extra_env), capture_output=True, text=True,
-                        timeout=timeout, preexec_fn=preexec_fn)
+                        timeout=timeout)
 
 
 def records(workdir) -> list:
