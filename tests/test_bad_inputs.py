@@ -132,7 +132,8 @@ CASES = [
     case('workdir-is-a-file', TINY + ['--workdir={F}'], 'is a file, not a directory'),
     case('workdir-under-a-file', TINY + ['--workdir={F}/run'], 'cannot be created'),
     case('workdir-busy', TINY + ['--workdir={B}'], 'is in use by another run'),
-    case('resume-params-nothing', TRAIN + ['--resume=params'], '--resume=params needs a checkpoint'),
+    case('resume-params-nothing', TRAIN + ['--resume=params'],
+         '--resume=params needs a checkpoint'),
     case('resume-other-model', TINY + ['--workdir={T}', '--config.model.d_model=64'],
          'holds a run of another configuration (model.d_model: 32 there, 64 here)'),
     case('resume-other-seq-len', TINY + ['--workdir={T}', '--config.data.seq_len=32'],
@@ -210,8 +211,8 @@ CASES = [
          'the benchmark needs a training config', BENCH),
     # Damaged data.
     case('data-truncated-shard', TINY[:1] + ['--workdir={W}', '--config.data.data_dir={X1}'],
-         r'damaged data: .*shakespeare_plays-train.array_record-00000-of-00001 holds 0 records, its '
-         r'metadata says 700; delete .* and run again'),
+         r'damaged data: .*shakespeare_plays-train.array_record-00000-of-00001 holds 0 records, '
+         r'its metadata says 700; delete .* and run again'),
     case('data-no-dataset-info', TINY[:1] + ['--workdir={W}', '--config.data.data_dir={X2}'],
          'damaged data: .*dataset_info.json is missing'),
     case('data-garbage-dataset-info', TINY[:1] + ['--workdir={W}',

@@ -83,13 +83,15 @@ def check(name: str, root: Optional[str], splits: dict, text_key: str) -> None:
   feature, and whole shard files. Reads metadata and shard footers only.
   """
   root = data_dir(root)
+
   def rebuild(target: str) -> str:
     if name == EMBEDDED:
       return f'delete {target} and run again (the embedded corpus is rebuilt in seconds)'
     return (f'delete {target} and run `tfds build {name} --file_format=array_record '
             f'--data_dir={root}` on a machine with network access')
   if name == EMBEDDED:
-    folder = os.path.join(root, shakespeare.BUILDER_NAME, str(shakespeare.ShakespearePlays.VERSION))
+    folder = os.path.join(root, shakespeare.BUILDER_NAME,
+                          str(shakespeare.ShakespearePlays.VERSION))
     if not os.path.exists(folder):   # not built yet: check against what the builder will make
       for field, split in splits.items():
         _check_split_syntax(field, split, shakespeare.SPLITS)
