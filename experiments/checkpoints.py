@@ -189,6 +189,9 @@ class Checkpoints:
     self.mngr.close()
 
   def _rotate(self) -> list:
+    # Every process must list the same steps: deleting is collective in Orbax, and a process
+    # that lists before process 0's latest commit is visible would skip it and hang the others.
+    sharding.sync('checkpoint rotation')
     steps = self.steps()
     for step in steps[:-self.keep]:
       self.mngr.delete(step)

@@ -6,6 +6,8 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import jax
 import numpy as np
@@ -28,13 +30,21 @@ def launch(make_cmd, timeout=240):
   """Starts `make_cmd(process_id)` for processes 0 and 1 and returns their (rc, output)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(make_cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  finally:
-    for p in procs:
+  logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
+  procs = [subprocess.Popen(make_cmd(i), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            text=True) for i, log in enumerate(logs)]
+  deadline = time.time() + timeout
+  while time.time() < deadline and any(p.poll() is None for p in procs):
+    time.sleep(0.2)
+  for p in procs:   # a process that outlived the deadline is killed; its output still shows
+    if p.poll() is None:
       p.kill()
+      p.wait()
+  outs = []
+  for log in logs:
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
   return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
