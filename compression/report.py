@@ -10,7 +10,7 @@ per weight (a simple sparse format).
 import numpy as np
 
 from compression import paths
-from experiments import flops
+from models import flops
 
 
 def sparsity_report(params, cfg=None, seq_len: int = 0, include=None,

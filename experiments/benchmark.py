@@ -2,7 +2,7 @@
 
 Times the train step, jitted on the config's mesh exactly as in training, on synthetic batches
 of the config's shape (no data pipeline), and prints step time, tokens/s, model TFLOP/s (see
-`experiments/flops.py`; MoE models count active parameters), MFU against the device's bf16
+`models/flops.py`; MoE models count active parameters), MFU against the device's bf16
 peak where known, and memory per device: the start-up estimate, XLA's figure for the compiled
 step, and the measured peak where the backend reports it. `--remat=none,dots,full` compares
 activation-checkpointing policies.
@@ -18,9 +18,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import sharding
-from experiments import cli, flops, memory, runtime, steps, validate
+from experiments import cli, memory, runtime, steps, validate
 from experiments.errors import UserError
-from models import Transformer
+from models import Transformer, flops
 from models.transformer import REMAT_POLICIES
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)

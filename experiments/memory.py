@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import sharding
-from experiments import flops, steps
-from models import Transformer, axes
+from experiments import steps
+from models import Transformer, axes, flops
 
 try:   # the list behind the public jax.ad_checkpoint.print_saved_residuals
   from jax._src.ad_checkpoint import saved_residuals

@@ -23,12 +23,13 @@ import numpy as np
 from etils import epath
 
 import sharding
-from experiments import checkpoints, data, flops, memory, metrics as metrics_lib, steps, validate
+from experiments import checkpoints, data, memory, metrics as metrics_lib, steps, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from experiments.metrics import MetricWriter, Progress, StepMonitor
 from experiments.runtime import (Placement, evaluate_params, sample_texts, setup,
                                  tokenizer_sha256)
+from models import flops
 
 
 class StopRequest:

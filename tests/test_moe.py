@@ -246,7 +246,7 @@ def test_router_jitter_only_with_a_jitter_rng_and_aux_loss_trains_the_router():
 
 
 def test_flops_count_only_the_active_experts():
-  from experiments import flops
+  from models import flops
   sparse = moe_config(n_experts=8, experts_per_token=2, moe_d_ff=F)
   dense = sparse.replace(n_experts=0, d_ff=2 * F)
   assert flops.matmul_params(sparse) == flops.matmul_params(dense) + 2 * D * 8

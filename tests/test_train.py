@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from experiments import benchmark, checkpoints, data, flops, runtime, steps, train, validate
+from experiments import benchmark, checkpoints, data, runtime, steps, train, validate
 from experiments import workdir as workdir_lib
 from experiments.configs import gpt2 as gpt2_configs
 from experiments.configs import llama as llama_configs
 from experiments.configs import mixtral as mixtral_configs
 from experiments.configs import shakespeare
-from models import Transformer
+from models import Transformer, flops
 from tests.runs import ROOT, losses, run_main
 
 def tiny_config(data_dir) -> ml_collections.ConfigDict:
