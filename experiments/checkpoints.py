@@ -107,6 +107,18 @@ class CheckpointWriteError(UserError):
   """A checkpoint could not be written (disk full, permissions): earlier ones are intact."""
 
 
+def _retry_listing(list_steps, retry: bool):
+  """Orbax lists steps by reading each one's metadata; for a reader beside a training run, a
+  step rotated away between the directory listing and that read is not an error: list again."""
+  for attempt in range(_READ_RETRIES if retry else 1):
+    try:
+      return list_steps()
+    except FileNotFoundError:
+      if attempt == (_READ_RETRIES if retry else 1) - 1:
+        raise
+  raise AssertionError('unreachable')
+
+
 class Checkpoints:
   """The checkpoints of one workdir; `writer=False` opens them read-only."""
 
@@ -126,16 +138,16 @@ class Checkpoints:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, create=writer, read_only=not writer, cleanup_tmp_directories=writer,
           enable_async_checkpointing=async_save and writer)
-      self.mngr = ocp.CheckpointManager(
+      self.mngr = _retry_listing(lambda: ocp.CheckpointManager(
           self.directory, options=options,
           item_handlers=dict(state=ocp.StandardCheckpointHandler(),
-                             data=ocp.JsonCheckpointHandler()))
+                             data=ocp.JsonCheckpointHandler())), retry=not writer)
     finally:
       absl_logger.setLevel(level)
 
   def steps(self) -> list:
     """Committed steps, read from disk now."""
-    self.mngr.reload()
+    _retry_listing(self.mngr.reload, retry=not self.writer)
     return sorted(self.mngr.all_steps())
 
   def save(self, step: int, state, data: dict) -> None:
