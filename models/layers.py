@@ -1,10 +1,12 @@
-"""Building blocks. `dot` is the compression seam: every weight matmul in the model goes through it.
+"""Building blocks, and the four weight contractions that form the compression seam.
 
-The seam. Modules fetch a weight with `self.param(...)` and multiply through `dot(x, w, ...)`.
-Flax returns whatever leaf the caller's parameter tree holds, so a compression transform can
-replace a kernel with another leaf type (integer values with scales, a kernel with its mask) and
-teach `dot` to execute it, e.g. as an integer `lax.dot_general`, without touching model code.
-Plain arrays are the only leaf type handled here.
+Every weight the model multiplies by goes through one of `dot` (dense projections and the tied
+output head), `expert_dot` (each expert on its own slab of tokens), `ragged_dot` (experts on
+rows sorted by expert) and `take` (embedding lookups). Each dispatches on the weight leaf's type
+through the registry in `models.seam`: plain arrays use the built-in rule below; a compression
+transform can replace a kernel with another leaf type (integer values with scales, a factored
+kernel) and register how it executes, without touching model code. Modules fetch weights with
+`weight(...)`, which accepts any leaf type whose dense shape is the one asked for.
 """
 
 from typing import Sequence
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from models import axes
+from models import axes, seam
 from models.config import ModelConfig
 
 Dtype = jnp.dtype
@@ -27,12 +29,59 @@ def dot(x: jax.Array, w, n_contract: int, dtype, transpose_w: bool = False) -> j
   multiplies by the embedding table [vocab, embed] this way).
   """
   x_dims = tuple(range(x.ndim - n_contract, x.ndim))
-  if transpose_w:
-    w_dims = tuple(range(w.ndim - n_contract, w.ndim))
-  else:
-    w_dims = tuple(range(n_contract))
-  return lax.dot_general(x.astype(dtype), jnp.asarray(w).astype(dtype),
-                         ((x_dims, w_dims), ((), ())))
+  ndim = len(w.shape)
+  w_dims = tuple(range(ndim - n_contract, ndim)) if transpose_w else tuple(range(n_contract))
+  rule = seam.rule_for(w)
+  if rule is not None and rule.dot is not None:
+    return rule.dot(x, w, x_dims, w_dims, dtype)
+  return lax.dot_general(x.astype(dtype), seam.dense(w, dtype), ((x_dims, w_dims), ((), ())))
+
+
+def expert_dot(x_ExMxI: jax.Array, w_ExIxO, dtype) -> jax.Array:
+  """Each expert's rows times its own weight: [E, M, I] x [E, I, O] -> [E, M, O]."""
+  rule = seam.rule_for(w_ExIxO)
+  if rule is not None and rule.expert_dot is not None:
+    return rule.expert_dot(x_ExMxI, w_ExIxO, dtype)
+  return lax.dot_general(x_ExMxI.astype(dtype), seam.dense(w_ExIxO, dtype),
+                         (((2,), (1,)), ((0,), (0,))))
+
+
+def ragged_dot(x_MxI: jax.Array, w_ExIxO, group_sizes_E: jax.Array, dtype,
+               rows_M=None) -> jax.Array:
+  """Rows sorted by expert times their expert's weight: rows [sum(sizes[:e]), sum(sizes[:e+1]))
+  use expert e; rows past sum(sizes) come out as zeros. `rows_M` (optional) is the token each
+  row came from, for rules that observe inputs (calibration)."""
+  rule = seam.rule_for(w_ExIxO)
+  if rule is not None and rule.ragged_dot is not None:
+    return rule.ragged_dot(x_MxI, w_ExIxO, group_sizes_E, dtype, rows_M)
+  return lax.ragged_dot(x_MxI.astype(dtype), seam.dense(w_ExIxO, dtype), group_sizes_E)
+
+
+def take(w_VxD, ids: jax.Array, dtype) -> jax.Array:
+  """Rows `ids` of a table (an embedding lookup: the one-hot product ids x table)."""
+  rule = seam.rule_for(w_VxD)
+  if rule is not None and rule.take is not None:
+    return rule.take(w_VxD, ids, dtype)
+  w = w_VxD if rule is None else rule.dense(w_VxD, dtype)
+  return jnp.take(jnp.asarray(w), ids, axis=0).astype(dtype)
+
+
+def weight(module: nn.Module, name: str, init, shape, names, dtype):
+  """The weight `name` of `module`: created with `init` and logical `names` at init time, else
+  whatever leaf the parameter tree holds, provided its dense shape is `shape`.
+
+  (flax's own `param` compares the shapes of the leaf's children with `shape`, which a leaf of
+  values and scales, or of two factors, does not pass.)
+  """
+  if module.has_variable('params', name):
+    w = module.get_variable('params', name)
+    if isinstance(w, nn.meta.AxisMetadata):
+      w = w.unbox()
+    if tuple(w.shape) != tuple(shape):
+      raise ValueError(f'{"/".join(module.path + (name,))} has shape {tuple(w.shape)}; the model '
+                       f'config makes it {tuple(shape)}')
+    return w
+  return module.param(name, partitioned(init, names), tuple(shape), dtype)
 
 
 def _lead(v: jax.Array, ndim: int) -> jax.Array:
@@ -58,9 +107,8 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = tuple(self.in_features) + tuple(self.out_features)
-    kernel = self.param('kernel', partitioned(nn.initializers.normal(self.init_std),
-                                              tuple(self.in_axes) + tuple(self.out_axes)),
-                        shape, self.param_dtype)
+    kernel = weight(self, 'kernel', nn.initializers.normal(self.init_std), shape,
+                    tuple(self.in_axes) + tuple(self.out_axes), self.param_dtype)
     y = dot(x, kernel, len(self.in_features), self.dtype)
     if self.use_bias:
       bias = self.param('bias', partitioned(nn.initializers.zeros, self.out_axes),
@@ -79,12 +127,12 @@ class Embed(nn.Module):
   init_std: float = 0.02
 
   def setup(self):
-    self.embedding = self.param(
-        'embedding', partitioned(nn.initializers.normal(self.init_std), (self.row_axis, axes.EMBED)),
-        (self.num, self.features), self.param_dtype)
+    self.embedding = weight(self, 'embedding', nn.initializers.normal(self.init_std),
+                            (self.num, self.features), (self.row_axis, axes.EMBED),
+                            self.param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(jnp.asarray(self.embedding), ids, axis=0).astype(self.dtype)
+    return take(self.embedding, ids, self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return dot(x, self.embedding, 1, self.dtype, transpose_w=True)
@@ -127,17 +175,17 @@ class Mlp(nn.Module):
   out_init_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.config
     dense = lambda name, fin, fout, ain, aout, std: Linear(
         (fin,), (fout,), (ain,), (aout,), use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype), init_std=std, name=name)
     act = ACTIVATION_FNS[cfg.activation]
-    up_BxTxF = dense('up', cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP, cfg.init_std)(x_BxTxD)
+    up_BxLxF = dense('up', cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP, cfg.init_std)(x_BxLxD)
     if cfg.mlp == 'swiglu':
-      gate_BxTxF = dense('gate', cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP, cfg.init_std)(x_BxTxD)
-      h_BxTxF = act(gate_BxTxF) * up_BxTxF
+      gate_BxLxF = dense('gate', cfg.d_model, cfg.d_ff, axes.EMBED, axes.MLP, cfg.init_std)(x_BxLxD)
+      h_BxLxF = act(gate_BxLxF) * up_BxLxF
     else:
-      h_BxTxF = act(up_BxTxF)
-    h_BxTxF = nn.with_logical_constraint(h_BxTxF, (axes.BATCH, axes.LENGTH, axes.MLP))
-    return dense('down', cfg.d_ff, cfg.d_model, axes.MLP, axes.EMBED, self.out_init_std)(h_BxTxF)
+      h_BxLxF = act(up_BxLxF)
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, (axes.BATCH, axes.LENGTH, axes.MLP))
+    return dense('down', cfg.d_ff, cfg.d_model, axes.MLP, axes.EMBED, self.out_init_std)(h_BxLxF)

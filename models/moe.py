@@ -8,8 +8,8 @@ training, optional shared experts applied to every token.
 Two dispatch paths, picked by `moe_dispatch`:
   'dropless'  every assignment is computed: assignments are sorted by expert and run through
               grouped matmuls (`lax.ragged_dot`), so no token is ever dropped;
-  'capacity'  each expert takes at most C = ceil(capacity_factor * S * k / E) tokens of every
-              row of S tokens (first choices before second choices, then in token order);
+  'capacity'  each expert takes at most C = ceil(capacity_factor * L * k / E) tokens of every
+              row of L tokens (first choices before second choices, then in token order);
               overflow assignments are dropped and the token keeps its residual stream.
 
 Expert parallelism: when the rules map the `expert` axis onto a mesh axis of size > 1, the
@@ -32,26 +32,27 @@ from jax.sharding import PartitionSpec as P
 
 from models import axes
 from models.config import ModelConfig
-from models.layers import ACTIVATION_FNS, Linear, Mlp, partitioned
+from models import layers
+from models.layers import ACTIVATION_FNS, Linear, Mlp
 
 STATS = ('aux_loss', 'z_loss', 'entropy', 'dropped', 'load')
 
 
 class Routing(NamedTuple):
-  experts: jax.Array   # [N, k] int32 chosen experts, best first
-  weights: jax.Array   # [N, k] float32 combine weights
-  probs: jax.Array     # [N, E] float32 router probabilities
-  logits: jax.Array    # [N, E] float32 router logits
+  experts: jax.Array   # [M, X] int32 chosen experts, best first
+  weights: jax.Array   # [M, X] float32 combine weights
+  probs: jax.Array     # [M, E] float32 router probabilities
+  logits: jax.Array    # [M, E] float32 router logits
 
 
-def route(logits_NxE: jax.Array, k: int) -> Routing:
+def route(logits_MxE: jax.Array, k: int) -> Routing:
   """Top-k softmax routing; weights renormalised over the chosen experts when k > 1."""
-  logits_NxE = logits_NxE.astype(jnp.float32)
-  probs = jax.nn.softmax(logits_NxE, axis=-1)
+  logits_MxE = logits_MxE.astype(jnp.float32)
+  probs = jax.nn.softmax(logits_MxE, axis=-1)
   weights, experts = lax.top_k(probs, k)
   if k > 1:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return Routing(experts.astype(jnp.int32), weights, probs, logits_NxE)
+  return Routing(experts.astype(jnp.int32), weights, probs, logits_MxE)
 
 
 def router_stats(r: Routing, n_experts: int) -> dict:
@@ -72,23 +73,23 @@ def capacity(tokens_per_group: int, k: int, n_experts: int, factor: float) -> in
   return max(1, math.ceil(factor * tokens_per_group * k / n_experts))
 
 
-def capacity_masks(experts_GxSxK, weights_GxSxK, n_experts: int, cap: int):
-  """(dispatch [G,S,E,C] 0/1, combine [G,S,E,C] weights, kept [G,S,K]) for each group (row).
+def capacity_masks(experts_BxLxX, weights_BxLxX, n_experts: int, cap: int):
+  """(dispatch [B,L,E,C] 0/1, combine [B,L,E,C] weights, kept [B,L,X]) for each row.
 
   Slots are handed out to all first choices of a group in token order, then second choices, ...
   """
-  g, s, k = experts_GxSxK.shape
-  onehot_GxSxKxE = jax.nn.one_hot(experts_GxSxK, n_experts, dtype=jnp.int32)
-  by_choice = onehot_GxSxKxE.transpose(0, 2, 1, 3).reshape(g, k * s, n_experts)
+  b, l, x = experts_BxLxX.shape
+  onehot_BxLxXxE = jax.nn.one_hot(experts_BxLxX, n_experts, dtype=jnp.int32)
+  by_choice = onehot_BxLxXxE.transpose(0, 2, 1, 3).reshape(b, x * l, n_experts)
   slot = (jnp.cumsum(by_choice, axis=1) - 1) * by_choice
-  slot_GxSxK = jnp.sum(slot.reshape(g, k, s, n_experts).transpose(0, 2, 1, 3), axis=-1)
-  kept_GxSxK = slot_GxSxK < cap
-  slot_onehot = jax.nn.one_hot(jnp.where(kept_GxSxK, slot_GxSxK, cap), cap, dtype=jnp.float32)
-  expert_onehot = onehot_GxSxKxE.astype(jnp.float32)
-  dispatch = jnp.einsum('gske,gskc->gsec', expert_onehot, slot_onehot)
-  combine = jnp.einsum('gske,gskc,gsk->gsec', expert_onehot, slot_onehot,
-                       weights_GxSxK.astype(jnp.float32))
-  return dispatch, combine, kept_GxSxK
+  slot_BxLxX = jnp.sum(slot.reshape(b, x, l, n_experts).transpose(0, 2, 1, 3), axis=-1)
+  kept_BxLxX = slot_BxLxX < cap
+  slot_onehot = jax.nn.one_hot(jnp.where(kept_BxLxX, slot_BxLxX, cap), cap, dtype=jnp.float32)
+  expert_onehot = onehot_BxLxXxE.astype(jnp.float32)
+  dispatch = jnp.einsum('blxe,blxc->blec', expert_onehot, slot_onehot)
+  combine = jnp.einsum('blxe,blxc,blx->blec', expert_onehot, slot_onehot,
+                       weights_BxLxX.astype(jnp.float32))
+  return dispatch, combine, kept_BxLxX
 
 
 def _expert_mlp(mm, x, w: dict, cfg: ModelConfig):
@@ -101,36 +102,36 @@ def _expert_mlp(mm, x, w: dict, cfg: ModelConfig):
 
 def experts_dense(x_ExMxD, w: dict, cfg: ModelConfig, dtype):
   """Each expert's MLP on its own [M, D] slab (the capacity path's fixed-size buffers)."""
-  mm = lambda x, kernel: jnp.einsum('emd,edf->emf', x.astype(dtype), kernel.astype(dtype))
+  mm = lambda x, kernel: layers.expert_dot(x, kernel, dtype)
   return _expert_mlp(mm, x_ExMxD, w, cfg)
 
 
-def experts_ragged(x_MxD, group_sizes_E, w: dict, cfg: ModelConfig, dtype):
+def experts_ragged(x_MxD, group_sizes_E, w: dict, cfg: ModelConfig, dtype, rows_M=None):
   """Expert MLPs on rows sorted by expert: rows [sum(sizes[:e]), sum(sizes[:e+1])) use expert e.
 
-  Rows past sum(group_sizes) come out as zeros.
+  Rows past sum(group_sizes) come out as zeros; `rows_M` is the token each row came from.
   """
-  mm = lambda x, kernel: lax.ragged_dot(x.astype(dtype), kernel.astype(dtype), group_sizes_E)
+  mm = lambda x, kernel: layers.ragged_dot(x, kernel, group_sizes_E, dtype, rows_M)
   return _expert_mlp(mm, x_MxD, w, cfg)
 
 
-def dispatch_capacity(x_GxSxD, r_experts, r_weights, w, cfg, dtype, cap, expert_axis=None):
-  """Capacity-based dispatch of groups (rows); returns (out [G,S,D], kept [G,S,K])."""
+def dispatch_capacity(x_BxLxD, r_experts, r_weights, w, cfg, dtype, cap, expert_axis=None):
+  """Capacity-based dispatch of groups (rows); returns (out [B,L,D], kept [B,L,X])."""
   n_experts = cfg.n_experts
   dispatch, combine, kept = capacity_masks(r_experts, r_weights, n_experts, cap)
-  x_ExGxCxD = jnp.einsum('gsec,gsd->egcd', dispatch.astype(dtype), x_GxSxD.astype(dtype))
-  d = x_ExGxCxD.shape[-1]
+  x_ExBxCxD = jnp.einsum('blec,bld->ebcd', dispatch.astype(dtype), x_BxLxD.astype(dtype))
+  d = x_ExBxCxD.shape[-1]
   if expert_axis is not None:   # send each expert's slots to the device holding that expert
-    x_ExGxCxD = lax.all_to_all(x_ExGxCxD, expert_axis, 0, 1, tiled=True)
-  y = experts_dense(x_ExGxCxD.reshape(x_ExGxCxD.shape[0], -1, d), w, cfg, dtype)
-  y_ExGxCxD = y.reshape(x_ExGxCxD.shape[:3] + (d,))
+    x_ExBxCxD = lax.all_to_all(x_ExBxCxD, expert_axis, 0, 1, tiled=True)
+  y = experts_dense(x_ExBxCxD.reshape(x_ExBxCxD.shape[0], -1, d), w, cfg, dtype)
+  y_ExBxCxD = y.reshape(x_ExBxCxD.shape[:3] + (d,))
   if expert_axis is not None:
-    y_ExGxCxD = lax.all_to_all(y_ExGxCxD, expert_axis, 1, 0, tiled=True)
-  out = jnp.einsum('gsec,egcd->gsd', combine.astype(dtype), y_ExGxCxD.astype(dtype))
+    y_ExBxCxD = lax.all_to_all(y_ExBxCxD, expert_axis, 1, 0, tiled=True)
+  out = jnp.einsum('blec,ebcd->bld', combine.astype(dtype), y_ExBxCxD.astype(dtype))
   return out, kept
 
 
-def dispatch_dropless(x_NxD, r_experts, r_weights, w, cfg, dtype, first_expert=0):
+def dispatch_dropless(x_MxD, r_experts, r_weights, w, cfg, dtype, first_expert=0):
   """Dropless dispatch: sort the N*k assignments by expert, grouped matmuls, weighted scatter.
 
   Only experts [first_expert, first_expert + local experts) are computed (all of them on one
@@ -143,9 +144,9 @@ def dispatch_dropless(x_NxD, r_experts, r_weights, w, cfg, dtype, first_expert=0
   order = jnp.argsort(key, stable=True)
   token = order // k
   sizes = jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32)
-  y = experts_ragged(x_NxD[token], sizes, w, cfg, dtype)
+  y = experts_ragged(x_MxD[token], sizes, w, cfg, dtype, token)
   y = y * r_weights.reshape(-1)[order][:, None].astype(y.dtype)
-  return jnp.zeros_like(x_NxD, dtype=y.dtype).at[token].add(y)
+  return jnp.zeros_like(x_MxD, dtype=y.dtype).at[token].add(y)
 
 
 class MoeMlp(nn.Module):
@@ -154,43 +155,43 @@ class MoeMlp(nn.Module):
   out_init_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    b, t, d = x_BxTxD.shape
-    e, f = cfg.n_experts, cfg.expert_d_ff
+    b, l, d = x_BxLxD.shape
+    e, f = cfg.n_experts, cfg.moe_d_ff
 
-    router_in = x_BxTxD
+    router_in = x_BxLxD
     if cfg.router_jitter > 0 and self.has_rng('jitter'):
-      noise = jax.random.uniform(self.make_rng('jitter'), x_BxTxD.shape, jnp.float32,
+      noise = jax.random.uniform(self.make_rng('jitter'), x_BxLxD.shape, jnp.float32,
                                  1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-      router_in = (x_BxTxD.astype(jnp.float32) * noise).astype(x_BxTxD.dtype)
+      router_in = (x_BxLxD.astype(jnp.float32) * noise).astype(x_BxLxD.dtype)
     logits = Linear((d,), (e,), (axes.EMBED,), (axes.EXPERT,), dtype=jnp.float32,
                     param_dtype=param_dtype, init_std=cfg.init_std, name='router')(router_in)
-    r = route(logits.reshape(b * t, e), cfg.experts_per_token)
+    r = route(logits.reshape(b * l, e), cfg.experts_per_token)
 
-    kernel = lambda name, shape, names, std: self.param(
-        name, partitioned(nn.initializers.normal(std), names), shape, param_dtype)
+    kernel = lambda name, shape, names, std: layers.weight(
+        self, name, nn.initializers.normal(std), shape, names, param_dtype)
     w = dict(up=kernel('up', (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), cfg.init_std),
              down=kernel('down', (e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED),
                          self.out_init_std))
     if cfg.mlp == 'swiglu':
       w['gate'] = kernel('gate', (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), cfg.init_std)
 
-    out, kept = self._dispatch(x_BxTxD, r.experts.reshape(b, t, -1),
-                               r.weights.reshape(b, t, -1), w, dtype)
+    out, kept = self._dispatch(x_BxLxD, r.experts.reshape(b, l, -1),
+                               r.weights.reshape(b, l, -1), w, dtype)
     stats = router_stats(r, e)
     stats['dropped'] = 1.0 - jnp.mean(kept.astype(jnp.float32))
     self.sow('moe', 'stats', stats)
     out = nn.with_logical_constraint(out.astype(dtype), (axes.BATCH, axes.LENGTH, axes.EMBED))
     if cfg.n_shared_experts:
       shared = Mlp(cfg.replace(d_ff=f * cfg.n_shared_experts), self.out_init_std, name='shared')
-      out = out + shared(x_BxTxD)
+      out = out + shared(x_BxLxD)
     return out
 
-  def _dispatch(self, x_BxTxD, experts_BxTxK, weights_BxTxK, w, dtype):
+  def _dispatch(self, x_BxLxD, experts_BxLxX, weights_BxLxX, w, dtype):
     cfg = self.config
-    cap = capacity(x_BxTxD.shape[1], cfg.experts_per_token, cfg.n_experts, cfg.capacity_factor)
+    cap = capacity(x_BxLxD.shape[1], cfg.experts_per_token, cfg.n_experts, cfg.capacity_factor)
     mesh, expert_axis, batch_axes = _expert_parallel_mesh()
 
     def local(x, ex, wt, w, first_expert=0, axis=None):
@@ -202,7 +203,7 @@ class MoeMlp(nn.Module):
       return out.reshape(bl, tl, dl), jnp.ones(ex.shape, jnp.bool_)
 
     if expert_axis is None:
-      return local(x_BxTxD, experts_BxTxK, weights_BxTxK, w)
+      return local(x_BxLxD, experts_BxLxX, weights_BxLxX, w)
     ep = mesh.shape[expert_axis]
     if cfg.n_experts % ep:
       raise ValueError(f'n_experts={cfg.n_experts} does not divide over the {expert_axis!r} '
@@ -223,7 +224,7 @@ class MoeMlp(nn.Module):
     w_spec = {name: P(expert_axis) for name in w}
     return jax.shard_map(sharded, mesh=mesh, in_specs=(rows, rows, rows, w_spec),
                          out_specs=(rows, rows), check_vma=False)(
-                             x_BxTxD, experts_BxTxK, weights_BxTxK, w)
+                             x_BxLxD, experts_BxLxX, weights_BxLxX, w)
 
 
 def _expert_parallel_mesh():
@@ -271,3 +272,22 @@ def summarize(moe_collection) -> dict:
   per_layer = jnp.concatenate(found['load'])
   return dict(out, load=jnp.mean(per_layer, axis=0), load_per_layer=per_layer)
 
+
+
+METRICS = ('moe_aux_loss', 'moe_z_loss', 'router_entropy', 'dropped', 'expert_load',
+           'expert_load_per_layer')
+
+
+def router_loss(moe_collection, cfg: ModelConfig):
+  """(the per-token router loss, router metrics) from the 'moe' collection of one forward pass.
+
+  The loss is router_aux_weight * load-balancing loss + router_z_weight * router z-loss, both
+  means over MoE layers; the metrics are named as in `METRICS`. A dense model gives (0.0, {}).
+  """
+  stats = summarize(moe_collection)
+  if not stats:
+    return 0.0, {}
+  loss = cfg.router_aux_weight * stats['aux_loss'] + cfg.router_z_weight * stats['z_loss']
+  return loss, dict(moe_aux_loss=stats['aux_loss'], moe_z_loss=stats['z_loss'],
+                    router_entropy=stats['entropy'], dropped=stats['dropped'],
+                    expert_load=stats['load'], expert_load_per_layer=stats['load_per_layer'])

@@ -12,6 +12,7 @@ the model out on them.
 
 from sharding.distributed import allgather_bytes, assert_same, initialize, sync
 from sharding.layout import (activation_rules, batch_sharding, create_sharded, global_batch,
-                             init_shardings, param_shardings, replicated, sharded_abstract, unbox)
+                             init_shardings, param_shardings, replicated, sharded_abstract,
+                             tree_shardings, unbox)
 from sharding.mesh import AXES, default_mesh_config, make_mesh, mesh_shape
 from sharding.rules import BATCH_AXES, PRESETS, mesh_axes_of, rules_for

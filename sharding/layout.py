@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models import axes
+from models import axes, seam
 from sharding.rules import mesh_axes_used, rules_for
 
 
@@ -117,6 +117,30 @@ def create_sharded(init_fn: Callable, mesh: jax.sharding.Mesh, rules, *args) -> 
   """
   shardings = init_shardings(init_fn, mesh, rules, *args)
   return jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
+
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, rules, names=None) -> Any:
+  """NamedShardings for a parameter tree whose leaves may be seam leaf types (`models.seam.Leaf`).
+
+  A leaf type gives the logical names of its own arrays (`logical_axes()`); a plain array takes
+  its names from `names` ({'/'-joined path: names}, e.g. `models.layouts.logical_names(model)`)
+  or, when absent there, is replicated. Works on abstract trees (`jax.eval_shape`), so a
+  compression transform can create its output directly sharded:
+  `jax.jit(fn, out_shardings=tree_shardings(jax.eval_shape(fn, params), mesh, rules, names))`.
+  """
+  rules = rules_for(rules)
+  _check_mesh(mesh, rules)
+  names = names or {}
+  to_sharding = lambda n: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(n), rules))
+  is_leaf = lambda x: isinstance(x, seam.Leaf)
+
+  def one(path, x):
+    if isinstance(x, seam.Leaf):
+      return jax.tree.map(to_sharding, x.logical_axes(), is_leaf=lambda n: isinstance(n, tuple))
+    key = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    return to_sharding(names[key]) if key in names else NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_leaf)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
