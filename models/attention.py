@@ -19,32 +19,35 @@ class Geometry(NamedTuple):
   the chunk, and masking uses the stored positions and segments (`k_pos`, `k_seg`); segment 0
   marks padding and empty slots, which real tokens never see.
   """
-  q_pos: jax.Array                   # [B, T] positions of the chunk's tokens (for RoPE)
-  q_seg: Optional[jax.Array]         # [B, T] segment ids, or None
-  k_pos: Optional[jax.Array] = None  # [B, L + T] with a cache
-  k_seg: Optional[jax.Array] = None  # [B, L + T] with a cache
+  q_pos: jax.Array                   # [B, L] positions of the chunk's tokens (for RoPE)
+  q_seg: Optional[jax.Array]         # [B, L] segment ids, or None
+  k_pos: Optional[jax.Array] = None  # [B, S] with a cache: the cached slots, then the chunk
+  k_seg: Optional[jax.Array] = None  # [B, S] with a cache
   write_slots: Optional[jax.Array] = None  # [n] cache slots receiving the chunk's last n tokens
 
 
-def rope(x_BxTxNxH: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotating the two halves of each head (the Llama/NeoX layout)."""
-  h = x_BxTxNxH.shape[-1]
+def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotating the two halves of each head (the Llama/NeoX layout).
+
+  The heads axis may be query heads (N) or key/value heads (K).
+  """
+  h = x_BxLxNxH.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  angle_BxTxH2 = pos_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  cos = jnp.cos(angle_BxTxH2)[:, :, None, :]
-  sin = jnp.sin(angle_BxTxH2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  angle = pos_BxL.astype(jnp.float32)[..., None] * inv_freq[None, None, :]   # [B, L, H/2]
+  cos = jnp.cos(angle)[:, :, None, :]
+  sin = jnp.sin(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
+  return out.astype(x_BxLxNxH.dtype)
 
 
 def cache_mask(geo: Geometry, window: Optional[int]) -> jax.Array:
-  """Boolean [B, 1, T, L + T] mask for attention over cached slots plus the current chunk."""
-  q_pos, k_pos = geo.q_pos[:, :, None], geo.k_pos[:, None, :]
-  mask = (geo.q_seg[:, :, None] == geo.k_seg[:, None, :]) & (k_pos <= q_pos)
+  """Boolean [B, 1, L, S] mask for attention over cached slots plus the current chunk."""
+  q_pos_BxLx1, k_pos_Bx1xS = geo.q_pos[:, :, None], geo.k_pos[:, None, :]
+  mask_BxLxS = (geo.q_seg[:, :, None] == geo.k_seg[:, None, :]) & (k_pos_Bx1xS <= q_pos_BxLx1)
   if window is not None:
-    mask &= q_pos - k_pos < window
-  return mask[:, None]
+    mask_BxLxS &= q_pos_BxLx1 - k_pos_Bx1xS < window
+  return mask_BxLxS[:, None]
 
 
 def select_impl(cfg: ModelConfig) -> str:
@@ -52,14 +55,14 @@ def select_impl(cfg: ModelConfig) -> str:
   if cfg.attention_impl != 'auto':
     return cfg.attention_impl
   fused_ok = (jax.default_backend() == 'gpu' and cfg.dtype in ('bfloat16', 'float16')
-              and cfg.head_size % 8 == 0 and cfg.head_size <= 128)
+              and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
   return 'cudnn' if fused_ok else 'xla'
 
 
-def write_cache(cache_BxLx: jax.Array, new_BxTx: jax.Array, slots: jax.Array) -> jax.Array:
-  """Writes the last len(slots) entries of the chunk into the given cache slots."""
+def write_cache(cache: jax.Array, new_BxLx: jax.Array, slots: jax.Array) -> jax.Array:
+  """Writes the chunk's last len(slots) entries into those slots of `cache` [B, slots, ...]."""
   n = slots.shape[0]
-  return cache_BxLx.at[:, slots].set(new_BxTx[:, new_BxTx.shape[1] - n:].astype(cache_BxLx.dtype))
+  return cache.at[:, slots].set(new_BxLx[:, new_BxLx.shape[1] - n:].astype(cache.dtype))
 
 
 class Attention(nn.Module):
@@ -68,20 +71,20 @@ class Attention(nn.Module):
   out_init_std: float = 0.02
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, geo: Geometry, kv=None):
+  def __call__(self, x_BxLxD: jax.Array, geo: Geometry, kv=None):
     cfg = self.config
-    n, k, h, d = cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
+    n, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     proj = lambda name, heads, head_axis: Linear(
         (d,), (heads, h), (axes.EMBED,), (head_axis, axes.HEAD_DIM), use_bias=cfg.qkv_bias,
         dtype=dtype, param_dtype=param_dtype, init_std=cfg.init_std, name=name)
-    q_BxTxNxH = proj('query', n, axes.HEADS)(x_BxTxD)
-    k_BxTxKxH = proj('key', k, axes.KV_HEADS)(x_BxTxD)
-    v_BxTxKxH = proj('value', k, axes.KV_HEADS)(x_BxTxD)
+    q_BxLxNxH = proj('query', n, axes.HEADS)(x_BxLxD)
+    k_BxLxKxH = proj('key', k, axes.KV_HEADS)(x_BxLxD)
+    v_BxLxKxH = proj('value', k, axes.KV_HEADS)(x_BxLxD)
     if cfg.position == 'rope':
-      q_BxTxNxH = rope(q_BxTxNxH, geo.q_pos, cfg.rope_theta)
-      k_BxTxKxH = rope(k_BxTxKxH, geo.q_pos, cfg.rope_theta)
-    q_BxTxNxH = nn.with_logical_constraint(q_BxTxNxH,
+      q_BxLxNxH = rope(q_BxLxNxH, geo.q_pos, cfg.rope_theta)
+      k_BxLxKxH = rope(k_BxLxKxH, geo.q_pos, cfg.rope_theta)
+    q_BxLxNxH = nn.with_logical_constraint(q_BxLxNxH,
                                            (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
 
     if kv is None:
@@ -89,23 +92,24 @@ class Attention(nn.Module):
       if geo.q_seg is not None:
         mask = (geo.q_seg[:, :, None] == geo.q_seg[:, None, :])[:, None]
       window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True,
+      out_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask=mask, is_causal=True,
           local_window_size=window, implementation=select_impl(cfg))
       new_kv = None
     else:
       cache_k, cache_v = kv
-      keys = jnp.concatenate([cache_k.astype(dtype), k_BxTxKxH], axis=1)
-      values = jnp.concatenate([cache_v.astype(dtype), v_BxTxKxH], axis=1)
-      out_BxTxNxH = jax.nn.dot_product_attention(
-          q_BxTxNxH, keys, values, mask=cache_mask(geo, cfg.sliding_window), implementation='xla')
-      new_kv = (write_cache(cache_k, k_BxTxKxH, geo.write_slots),
-                write_cache(cache_v, v_BxTxKxH, geo.write_slots))
+      k_BxSxKxH = jnp.concatenate([cache_k.astype(dtype), k_BxLxKxH], axis=1)
+      v_BxSxKxH = jnp.concatenate([cache_v.astype(dtype), v_BxLxKxH], axis=1)
+      out_BxLxNxH = jax.nn.dot_product_attention(
+          q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=cache_mask(geo, cfg.sliding_window),
+          implementation='xla')
+      new_kv = (write_cache(cache_k, k_BxLxKxH, geo.write_slots),
+                write_cache(cache_v, v_BxLxKxH, geo.write_slots))
 
-    out = Linear((n, h), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,), use_bias=cfg.out_bias,
-                 dtype=dtype, param_dtype=param_dtype, init_std=self.out_init_std,
-                 name='out')(out_BxTxNxH.astype(dtype))
-    return out, new_kv
+    out_BxLxD = Linear((n, h), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,),
+                       use_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype,
+                       init_std=self.out_init_std, name='out')(out_BxLxNxH.astype(dtype))
+    return out_BxLxD, new_kv
 
 
 def cache_length(cfg: ModelConfig, max_len: int) -> int:
@@ -116,12 +120,12 @@ def cache_length(cfg: ModelConfig, max_len: int) -> int:
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty, fixed-shape KV cache for `batch` rows of up to `max_len` tokens.
 
-  `k`/`v` are [layers, batch, slots, kv_heads, head_dim]; `pos`/`seg` record what each slot
+  `k`/`v` are [n_layers, B, slots, K, H]; `pos`/`seg` [B, slots] record what each slot
   holds (segment 0 = empty); `index` counts tokens written so far (slot = index mod slots).
   """
   length = cache_length(cfg, max_len)
   dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-  shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.head_size)
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
   return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
               pos=jnp.zeros((batch, length), jnp.int32), seg=jnp.zeros((batch, length), jnp.int32),
               index=jnp.zeros((), jnp.int32))

@@ -12,6 +12,14 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
 MOE_DISPATCHES = ('dropless', 'capacity')
 
+# Fields whose None means "derived from the other fields", and how.
+DERIVED = {
+    'n_kv_heads': lambda cfg: cfg.n_heads,
+    'head_dim': lambda cfg: cfg.d_model // cfg.n_heads,
+    'moe_d_ff': lambda cfg: cfg.d_ff,
+    'n_unique_layers': lambda cfg: cfg.n_layers,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -19,13 +27,19 @@ class ModelConfig:
 
   Llama-style models use the defaults; `gpt2_style()` sets the GPT-2 family options.
   The config is frozen and hashable, so it can be a static argument of `jax.jit`.
+
+  The fields of `DERIVED` accept None, meaning "derive me from the others"; once built they
+  always hold an int, so each concept has one name (`cfg.head_dim`, `cfg.n_kv_heads`, ...).
+  Configs compare equal when they resolve to the same values. `replace()` derives again
+  what was derived rather than given: `ModelConfig(d_model=128, n_heads=4).replace(d_model=256)`
+  has head_dim 64, while a head_dim given explicitly is kept.
   """
   vocab_size: int = 256
   d_model: int = 128
   n_layers: int = 2
   n_heads: int = 4
-  n_kv_heads: Optional[int] = None   # None: = n_heads (MHA); 1: MQA; otherwise GQA
-  head_dim: Optional[int] = None     # None: d_model // n_heads
+  n_kv_heads: Optional[int] = None   # None: n_heads (MHA); 1: MQA; otherwise GQA
+  head_dim: Optional[int] = None     # width of each head; None: d_model // n_heads
   d_ff: int = 512                    # hidden width of the MLP
   max_len: int = 2048                # learned position table size; longest sequence for RoPE models
   norm: str = 'rmsnorm'              # one of NORMS
@@ -39,7 +53,7 @@ class ModelConfig:
   mlp_bias: bool = False             # biases in the MLP (GPT-2)
   tie_embeddings: bool = False       # output head reuses the token embedding
   sliding_window: Optional[int] = None  # attend to the last `sliding_window` positions only
-  n_unique_layers: Optional[int] = None  # None: n_layers; else blocks reused cyclically
+  n_unique_layers: Optional[int] = None  # distinct blocks, reused cyclically; None: n_layers
   scan_layers: bool = False          # one nn.scan over layers: compile time independent of depth
   remat: str = 'none'                # activation checkpointing policy, one of REMAT_POLICIES
   dtype: str = 'float32'             # compute dtype (bfloat16 on accelerators)
@@ -66,12 +80,17 @@ class ModelConfig:
       check(getattr(self, name) > 0, f'{name}={getattr(self, name)} must be positive')
     check(self.head_dim is not None or self.d_model % self.n_heads == 0,
           f'n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim)')
-    check(self.head_dim is None or self.head_dim > 0, f'head_dim={self.head_dim} must be positive')
-    check(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
+    derived = frozenset(name for name in DERIVED if getattr(self, name) is None)
+    for name in derived:
+      object.__setattr__(self, name, DERIVED[name](self))
+    # Not a dataclass field: equality, hashing and repr see only the resolved values.
+    object.__setattr__(self, '_derived', derived)
+    check(self.head_dim > 0, f'head_dim={self.head_dim} must be positive')
+    check(self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
           f'n_kv_heads={self.n_kv_heads} must be positive and divide n_heads={self.n_heads}')
-    check(self.position != 'rope' or self.head_size % 2 == 0,
-          f'head_dim={self.head_size} must be even for rotary embeddings')
-    check(self.unique_layers > 0 and self.n_layers % self.unique_layers == 0,
+    check(self.position != 'rope' or self.head_dim % 2 == 0,
+          f'head_dim={self.head_dim} must be even for rotary embeddings')
+    check(self.n_unique_layers > 0 and self.n_layers % self.n_unique_layers == 0,
           f'n_unique_layers={self.n_unique_layers} must be positive and divide '
           f'n_layers={self.n_layers}')
     check(self.sliding_window is None or self.sliding_window > 0,
@@ -94,12 +113,12 @@ class ModelConfig:
     check(1 <= k <= e, f'experts_per_token={k} must be between 1 and n_experts={e}')
     check(self.capacity_factor > 0, f'capacity_factor={self.capacity_factor} must be > 0')
     check(self.moe_every >= 1, f'moe_every={self.moe_every} must be >= 1')
-    check(self.moe_d_ff is None or self.moe_d_ff > 0, f'moe_d_ff={self.moe_d_ff} must be > 0')
+    check(self.moe_d_ff > 0, f'moe_d_ff={self.moe_d_ff} must be > 0')
     check(self.n_shared_experts >= 0, f'n_shared_experts={self.n_shared_experts} must be >= 0')
     check(0 <= self.router_jitter < 1, f'router_jitter={self.router_jitter} must be in [0, 1)')
     check(not self.mlp_bias, 'mlp_bias is not supported with experts (n_experts > 0)')
-    check(self.unique_layers % self.moe_every == 0,
-          f'moe_every={self.moe_every} must divide the {self.unique_layers} unique layers')
+    check(self.n_unique_layers % self.moe_every == 0,
+          f'moe_every={self.moe_every} must divide the {self.n_unique_layers} unique layers')
     check(not self.scan_layers or self.moe_every == 1,
           f'scan_layers needs every layer alike: moe_every={self.moe_every} must be 1')
 
@@ -107,24 +126,14 @@ class ModelConfig:
     """Whether unique block `block` has an MoE feed-forward."""
     return self.n_experts > 0 and block % self.moe_every == self.moe_every - 1
 
-  @property
-  def expert_d_ff(self) -> int:
-    return self.d_ff if self.moe_d_ff is None else self.moe_d_ff
-
-  @property
-  def kv_heads(self) -> int:
-    return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-  @property
-  def head_size(self) -> int:
-    return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
-
-  @property
-  def unique_layers(self) -> int:
-    return self.n_layers if self.n_unique_layers is None else self.n_unique_layers
-
   def replace(self, **changes) -> 'ModelConfig':
-    return dataclasses.replace(self, **changes)
+    """A copy with `changes`; fields that were derived (not given) are derived again.
+
+    Use this rather than `dataclasses.replace`, which would pass the derived values on as if
+    they had been given.
+    """
+    again = {name: None for name in self._derived if name not in changes}
+    return dataclasses.replace(self, **again, **changes)
 
 
 def gpt2_style(**overrides) -> ModelConfig:

@@ -22,7 +22,7 @@ class GenerateOutput(NamedTuple):
 
 def sample_logits(logits_BxV: jax.Array, rng: jax.Array, temperature: float = 0.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None) -> jax.Array:
-  """Picks one token per row: greedy at temperature 0, else sampling after top-k / top-p filtering."""
+  """One token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
@@ -100,34 +100,34 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'stop_tokens', 'pad_id'))
-def _generate(params, tokens_BxP, seg_BxP, pos_BxP, rng, *, model, max_new_tokens, temperature,
+def _generate(params, tokens_BxL, seg_BxL, pos_BxL, rng, *, model, max_new_tokens, temperature,
               top_k, top_p, stop_tokens, pad_id):
-  b, p = tokens_BxP.shape
+  b, length = tokens_BxL.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   stops = jnp.asarray(stop_tokens, jnp.int32)
   is_stop = lambda t_B: jnp.isin(t_B, stops) if stop_tokens else jnp.zeros_like(t_B, bool)
 
-  cache = init_cache(model.config, b, p + max_new_tokens)
-  logits_BxPxV, cache = model.apply({'params': params}, tokens_BxP, positions=pos_BxP,
-                                    segment_ids=seg_BxP, cache=cache)
-  tok_B = sample(logits_BxPxV[:, -1], jax.random.fold_in(rng, 0))
-  out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
-  state = (1, tok_B, pos_BxP[:, -1] + 1, cache, out_BxN, is_stop(tok_B), jnp.ones((b,), jnp.int32))
+  cache = init_cache(model.config, b, length + max_new_tokens)
+  logits_BxLxV, cache = model.apply({'params': params}, tokens_BxL, positions=pos_BxL,
+                                    segment_ids=seg_BxL, cache=cache)
+  tok_B = sample(logits_BxLxV[:, -1], jax.random.fold_in(rng, 0))
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)   # [B, new tokens]
+  state = (1, tok_B, pos_BxL[:, -1] + 1, cache, out, is_stop(tok_B), jnp.ones((b,), jnp.int32))
 
   def cond(state):
     step, *_, done_B, _ = state
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
   def body(state):
-    step, tok_B, pos_B, cache, out_BxN, done_B, len_B = state
+    step, tok_B, pos_B, cache, out, done_B, len_B = state
     logits_Bx1xV, cache = model.apply({'params': params}, tok_B[:, None], positions=pos_B[:, None],
                                       segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache)
     new_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(rng, step))
     new_B = jnp.where(done_B, pad_id, new_B)
-    out_BxN = out_BxN.at[:, step].set(new_B)
+    out = out.at[:, step].set(new_B)
     len_B = len_B + (~done_B).astype(jnp.int32)
     done_B = done_B | is_stop(new_B)
-    return step + 1, new_B, pos_B + 1, cache, out_BxN, done_B, len_B
+    return step + 1, new_B, pos_B + 1, cache, out, done_B, len_B
 
   state = jax.lax.while_loop(cond, body, state)
   return GenerateOutput(state[4], state[6])

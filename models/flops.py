@@ -36,12 +36,12 @@ def matmul_params(cfg: ModelConfig) -> int:
   MoE layers count their router and the k experts (plus shared experts) a token runs through:
   the active parameters, not all of them.
   """
-  d, h, v = cfg.d_model, cfg.head_size, cfg.vocab_size
-  attn = d * h * (cfg.n_heads * 2 + cfg.kv_heads * 2)
+  d, h, v = cfg.d_model, cfg.head_dim, cfg.vocab_size
+  attn = d * h * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
   per_mlp = lambda width: d * width * (3 if cfg.mlp == 'swiglu' else 2)
-  moe = d * cfg.n_experts + per_mlp(cfg.expert_d_ff) * (cfg.experts_per_token +
-                                                        cfg.n_shared_experts)
-  mlps = [moe if cfg.is_moe_layer(i % cfg.unique_layers) else per_mlp(cfg.d_ff)
+  moe = d * cfg.n_experts + per_mlp(cfg.moe_d_ff) * (cfg.experts_per_token +
+                                                     cfg.n_shared_experts)
+  mlps = [moe if cfg.is_moe_layer(i % cfg.n_unique_layers) else per_mlp(cfg.d_ff)
           for i in range(cfg.n_layers)]
   return cfg.n_layers * attn + sum(mlps) + d * v
 
@@ -52,7 +52,7 @@ def param_count(params) -> int:
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   context = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
-  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * context
+  attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context
   return 6 * matmul_params(cfg) + attention
 
 

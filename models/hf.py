@@ -40,7 +40,7 @@ def from_pretrained(path, **overrides):
   path = pathlib.Path(path)
   arch = _architecture(hf_files.read_config(path), path)
   cfg = config_from_pretrained(path, **overrides)
-  if cfg.unique_layers != cfg.n_layers:
+  if cfg.n_unique_layers != cfg.n_layers:
     raise ValueError(f'n_unique_layers={cfg.n_unique_layers}: a checkpoint holds every layer, '
                      'so loaded layers cannot be shared')
   params = _load_params(path, arch, cfg.replace(scan_layers=False))
@@ -111,7 +111,7 @@ def save_pretrained(model: Transformer, params, path, architecture: Optional[str
     max_shard_bytes: split the weights into shards of at most this size (with an index).
   """
   cfg = model.config
-  if cfg.unique_layers != cfg.n_layers:
+  if cfg.n_unique_layers != cfg.n_layers:
     raise ValueError(f'n_unique_layers={cfg.n_unique_layers} != n_layers={cfg.n_layers}: '
                      'Hugging Face checkpoints cannot share layers')
   if architecture is None:

@@ -91,7 +91,7 @@ def _llama_like_to_hf(cfg: ModelConfig) -> dict:
   act = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh', 'gelu': 'gelu'}[cfg.activation]
   return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-              num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, hidden_act=act,
+              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act=act,
               max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
               tie_word_embeddings=cfg.tie_embeddings,
               rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
@@ -180,7 +180,7 @@ def _mixtral(c: dict) -> ModelConfig:
 def _mixtral_problems(cfg: ModelConfig) -> List[str]:
   problems = _llama_like_problems(cfg, qkv_bias=False, out_bias=False, mlp_bias=False,
                                   n_experts=cfg.n_experts, moe_every=1, n_shared_experts=0,
-                                  moe_d_ff=None)
+                                  moe_d_ff=cfg.d_ff)
   if not cfg.n_experts:
     problems.append('n_experts=0 (a dense model)')
   if cfg.experts_per_token == 1:
@@ -252,7 +252,7 @@ def _gpt2_problems(cfg: ModelConfig) -> List[str]:
                          out_bias=True, mlp_bias=True, sliding_window=None, n_experts=0)
   if cfg.activation not in ('gelu_tanh', 'gelu'):
     problems.append(f'activation={cfg.activation!r} (needs gelu_tanh or gelu)')
-  if cfg.kv_heads != cfg.n_heads or cfg.head_size * cfg.n_heads != cfg.d_model:
+  if cfg.n_kv_heads != cfg.n_heads or cfg.head_dim * cfg.n_heads != cfg.d_model:
     problems.append('grouped heads or head_dim * n_heads != d_model')
   return problems
 

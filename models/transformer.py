@@ -26,18 +26,18 @@ class Block(nn.Module):
   moe: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, geo: Geometry, kv=None):
+  def __call__(self, x_BxLxD: jax.Array, geo: Geometry, kv=None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     # GPT-2's scaled init of residual projections keeps the residual stream's variance bounded.
     out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     norm = lambda name: Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name=name)
-    h_BxTxD, kv = Attention(cfg, out_std, name='attn')(norm('attn_norm')(x_BxTxD), geo, kv)
-    x_BxTxD = x_BxTxD + h_BxTxD
+    h_BxLxD, kv = Attention(cfg, out_std, name='attn')(norm('attn_norm')(x_BxLxD), geo, kv)
+    x_BxLxD = x_BxLxD + h_BxLxD
     mlp = MoeMlp(cfg, out_std, name='mlp') if self.moe else Mlp(cfg, out_std, name='mlp')
-    x_BxTxD = x_BxTxD + mlp(norm('mlp_norm')(x_BxTxD))
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    return x_BxTxD, kv
+    x_BxLxD = x_BxLxD + mlp(norm('mlp_norm')(x_BxLxD))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    return x_BxLxD, kv
 
 
 def block_class(cfg: ModelConfig):
@@ -48,7 +48,7 @@ def block_class(cfg: ModelConfig):
   if cfg.scan_layers:
     cls = nn.scan(cls, variable_axes={'params': 0, 'moe': 0},
                   split_rngs={'params': True, 'jitter': True},
-                  in_axes=(nn.broadcast, 0), length=cfg.unique_layers,
+                  in_axes=(nn.broadcast, 0), length=cfg.n_unique_layers,
                   metadata_params={nn.PARTITION_NAME: axes.LAYERS})
   return cls
 
@@ -70,46 +70,46 @@ class Transformer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, positions: Optional[jax.Array] = None,
+  def __call__(self, tokens_BxL: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, cache: Optional[dict] = None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    b, t = tokens_BxT.shape
+    b, length = tokens_BxL.shape
     if positions is None:
       start = 0 if cache is None else cache['index']
-      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
 
     embed = Embed(cfg.vocab_size, cfg.d_model, axes.VOCAB, dtype, param_dtype, cfg.init_std,
                   name='embed')
-    x_BxTxD = embed(tokens_BxT)
+    x_BxLxD = embed(tokens_BxL)
     if cfg.position == 'learned':
-      x_BxTxD = x_BxTxD + Embed(cfg.max_len, cfg.d_model, axes.POSITION, dtype, param_dtype,
+      x_BxLxD = x_BxLxD + Embed(cfg.max_len, cfg.d_model, axes.POSITION, dtype, param_dtype,
                                 cfg.init_std, name='pos_embed')(positions)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
-    geo, new_cache = _geometry(positions, segment_ids, cache, t)
-    x_BxTxD, new_cache = self._layers(x_BxTxD, geo, cache, new_cache)
+    geo, new_cache = _geometry(positions, segment_ids, cache, length)
+    x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
 
-    x_BxTxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxTxD)
+    x_BxLxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxLxD)
     if cfg.tie_embeddings:
-      logits_BxTxV = embed.attend(x_BxTxD)
+      logits_BxLxV = embed.attend(x_BxLxD)
     else:
-      logits_BxTxV = Linear((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,),
+      logits_BxLxV = Linear((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,),
                             dtype=dtype, param_dtype=param_dtype, init_std=cfg.init_std,
-                            name='lm_head')(x_BxTxD)
-    logits_BxTxV = nn.with_logical_constraint(logits_BxTxV.astype(jnp.float32),
+                            name='lm_head')(x_BxLxD)
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
                                               (axes.BATCH, axes.LENGTH, axes.VOCAB))
-    return logits_BxTxV if cache is None else (logits_BxTxV, new_cache)
+    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
 
-  def _layers(self, x_BxTxD, geo, cache, new_cache):
+  def _layers(self, x_BxLxD, geo, cache, new_cache):
     cfg = self.config
-    u, repeats = cfg.unique_layers, cfg.n_layers // cfg.unique_layers
+    u, repeats = cfg.n_unique_layers, cfg.n_layers // cfg.n_unique_layers
     cls = block_class(cfg)
     if cfg.scan_layers:   # one stacked module, applied `repeats` times
       blocks = [cls(cfg, cfg.is_moe_layer(0), name='blocks')] * repeats
       group = u                                       # layers handled per call
     else:
-      blocks = [cls(cfg, cfg.is_moe_layer(i), name=f'blocks_{i}') for i in range(u)] * repeats
+      blocks = [cls(cfg, cfg.is_moe_layer(i), name=block_name(i)) for i in range(u)] * repeats
       group = 1
     ks, vs = [], []
     for call, block in enumerate(blocks):
@@ -119,35 +119,41 @@ class Transformer(nn.Module):
         kv = (cache['k'][lo:hi], cache['v'][lo:hi])
         if not cfg.scan_layers:
           kv = (kv[0][0], kv[1][0])
-      x_BxTxD, kv = block(x_BxTxD, geo, kv)
+      x_BxLxD, kv = block(x_BxLxD, geo, kv)
       if cache is not None:
         k, v = kv if cfg.scan_layers else (kv[0][None], kv[1][None])
         ks.append(k)
         vs.append(v)
     if cache is not None:
       new_cache = dict(new_cache, k=jnp.concatenate(ks), v=jnp.concatenate(vs))
-    return x_BxTxD, new_cache
+    return x_BxLxD, new_cache
 
 
-def _geometry(positions, segment_ids, cache, t):
+def _geometry(pos_BxL, segment_ids, cache, length):
   """Builds the attention geometry and the cache's new bookkeeping (positions, segments, index)."""
   if cache is None:
-    return Geometry(positions, segment_ids), None
-  b, length = cache['pos'].shape
-  seg = jnp.ones_like(positions) if segment_ids is None else segment_ids
-  n = min(t, length)
-  slots = (cache['index'] + (t - n) + jnp.arange(n)) % length
-  geo = Geometry(positions, seg, jnp.concatenate([cache['pos'], positions], axis=1),
-                 jnp.concatenate([cache['seg'], seg], axis=1), slots)
-  new_cache = dict(cache, pos=cache['pos'].at[:, slots].set(positions[:, t - n:]),
-                   seg=cache['seg'].at[:, slots].set(seg[:, t - n:]), index=cache['index'] + t)
+    return Geometry(pos_BxL, segment_ids), None
+  n_slots = cache['pos'].shape[1]
+  seg_BxL = jnp.ones_like(pos_BxL) if segment_ids is None else segment_ids
+  n = min(length, n_slots)   # the chunk's last n tokens are written to the cache
+  slots = (cache['index'] + (length - n) + jnp.arange(n)) % n_slots
+  geo = Geometry(pos_BxL, seg_BxL, jnp.concatenate([cache['pos'], pos_BxL], axis=1),
+                 jnp.concatenate([cache['seg'], seg_BxL], axis=1), slots)
+  new_cache = dict(cache, pos=cache['pos'].at[:, slots].set(pos_BxL[:, length - n:]),
+                   seg=cache['seg'].at[:, slots].set(seg_BxL[:, length - n:]),
+                   index=cache['index'] + length)
   return geo, new_cache
+
+
+def block_name(i: int) -> str:
+  """The parameter key of unrolled block `i` (`scan_layers=False`)."""
+  return f'blocks_{i}'
 
 
 def stack_layers(params: dict, cfg: ModelConfig) -> dict:
   """Unrolled parameters (`blocks_{i}`) -> the `scan_layers` layout (one stacked `blocks`)."""
   out = {k: v for k, v in params.items() if not k.startswith('blocks_')}
-  layers = [params[f'blocks_{i}'] for i in range(cfg.unique_layers)]
+  layers = [params[block_name(i)] for i in range(cfg.n_unique_layers)]
   out['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
   return out
 
@@ -155,6 +161,6 @@ def stack_layers(params: dict, cfg: ModelConfig) -> dict:
 def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
   """The `scan_layers` layout -> unrolled parameters (`blocks_{i}`)."""
   out = {k: v for k, v in params.items() if k != 'blocks'}
-  for i in range(cfg.unique_layers):
-    out[f'blocks_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
+  for i in range(cfg.n_unique_layers):
+    out[block_name(i)] = jax.tree.map(lambda x, i=i: x[i], params['blocks'])
   return out

@@ -22,7 +22,7 @@ from flax.core import meta
 from safetensors import numpy as st_numpy
 
 from models import ModelConfig, Transformer, gpt2_style, hf
-from models.hf_architectures import GPT2, LLAMA, MISTRAL, QWEN2
+from models.hf_architectures import GPT2, LLAMA, MISTRAL, MIXTRAL, QWEN2
 
 SIZES = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=64)
@@ -250,6 +250,17 @@ def test_config_translation():
   gpt = GPT2.config_from_hf(dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_inner=None,
                                  activation_function='gelu_new'))
   assert (gpt.d_ff, gpt.activation, gpt.tie_embeddings) == (256, 'gelu_tanh', True)
+
+
+def test_config_export_writes_resolved_heads_and_reads_back_equal():
+  for cfg, kv, head_dim in ((ModelConfig(**OUR_SIZES), 4, 16),
+                            (ModelConfig(n_kv_heads=2, head_dim=32, **OUR_SIZES), 2, 32)):
+    c = LLAMA.config_to_hf(cfg)
+    assert (c['num_key_value_heads'], c['head_dim']) == (kv, head_dim)
+    assert LLAMA.config_from_hf(c) == cfg
+  moe = dict(n_experts=4, **OUR_SIZES)
+  assert MIXTRAL.problems(ModelConfig(**moe)) == []
+  assert MIXTRAL.problems(ModelConfig(moe_d_ff=32, **moe)) == ['moe_d_ff=32 (needs 128)']
 
 
 def test_unrepresentable_configs_fail_to_save(tmp_path):

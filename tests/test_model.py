@@ -5,6 +5,7 @@ a scale well above the initializer's) so that every parameter changes the logits
 """
 
 import functools
+import pickle
 import re
 
 import flax.linen as nn
@@ -79,19 +80,18 @@ def test_changing_a_token_changes_only_its_own_and_later_logits(name):
 
 def test_gqa_with_one_kv_head_per_query_head_is_mha():
   mha = LLAMA.replace(n_kv_heads=None)
-  params, tokens = make_params(mha), make_tokens(1, (2, 10))
-  np.testing.assert_allclose(forward(mha.replace(n_kv_heads=mha.n_heads), params, tokens),
-                             forward(mha, params, tokens), atol=1e-6, rtol=0)
+  assert mha.n_kv_heads == mha.n_heads
+  assert mha == LLAMA.replace(n_kv_heads=LLAMA.n_heads)   # the same config, so the same model
 
 
 @pytest.mark.parametrize('name', ['llama', 'gpt2'])
 def test_gqa_equals_mha_with_kv_heads_repeated_per_group(name):
   gqa = CONFIGS[name].replace(n_kv_heads=2)
   mha = gqa.replace(n_kv_heads=None)
-  group = gqa.n_heads // gqa.kv_heads
+  group = gqa.n_heads // gqa.n_kv_heads
   params, tokens = make_params(gqa), make_tokens(2, (2, 10))
 
-  def widen(spread):  # spread(x, axis): [.., kv_heads, ..] -> [.., n_heads, ..]
+  def widen(spread):  # spread(x, axis): [.., K, ..] -> [.., N, ..]
     def leaf(path, x):
       names = [k.key for k in path]
       if names[-2] not in ('key', 'value'):
@@ -101,10 +101,10 @@ def test_gqa_equals_mha_with_kv_heads_repeated_per_group(name):
 
   repeated = widen(lambda x, axis: jnp.repeat(x, group, axis=axis))  # query head j -> j // group
   assert repeated['blocks_0']['attn']['key']['kernel'].shape == (mha.d_model, mha.n_heads,
-                                                                  mha.head_size)
+                                                                  mha.head_dim)
   expected = forward(gqa, params, tokens)
   np.testing.assert_allclose(forward(mha, repeated, tokens), expected, atol=1e-5, rtol=1e-5)
-  # The grouping matters: cycling kv heads over query heads (j -> j % kv_heads) is different.
+  # The grouping matters: cycling kv heads over query heads (j -> j % n_kv_heads) is different.
   tiled = widen(lambda x, axis: jnp.concatenate([x] * group, axis=axis))
   assert np.abs(forward(mha, tiled, tokens) - expected).max() > 1e-3
 
@@ -150,37 +150,39 @@ def test_sliding_window_sees_exactly_the_last_window_tokens():
         assert diff[t] <= 1e-6, (s, t)
 
 
-def np_rope(x_BxTxNxH, pos_BxT, theta):
+def np_rope(x_BxLxNxH, pos_BxL, theta):
   """Rotates pairs (i, i + H/2) by angle pos * theta^(-2i/H)."""
-  half = x_BxTxNxH.shape[-1] // 2
-  angle = pos_BxT[:, :, None, None] * theta ** (-2.0 * np.arange(half) / (2 * half))
-  x1, x2 = x_BxTxNxH[..., :half], x_BxTxNxH[..., half:]
+  half = x_BxLxNxH.shape[-1] // 2
+  angle = pos_BxL[:, :, None, None] * theta ** (-2.0 * np.arange(half) / (2 * half))
+  x1, x2 = x_BxLxNxH[..., :half], x_BxLxNxH[..., half:]
   return np.concatenate([x1 * np.cos(angle) - x2 * np.sin(angle),
                          x2 * np.cos(angle) + x1 * np.sin(angle)], axis=-1)
 
 
-def np_attention(p, cfg, x_BxTxD, pos_BxT, seg_BxT):
+def np_attention(p, cfg, x_BxLxD, pos_BxL, seg_BxL):
   """Attention with explicit mask: same segment and 0 <= q - k < window (in float64)."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-  t, h = x_BxTxD.shape[1], cfg.head_size
+  length, h = x_BxLxD.shape[1], cfg.head_dim
 
   def proj(name):
-    y = np.einsum('btd,dnh->btnh', x_BxTxD, p[name]['kernel'])
+    y = np.einsum('bld,dnh->blnh', x_BxLxD, p[name]['kernel'])
     return y + p[name]['bias'] if cfg.qkv_bias else y
 
-  q, k, v = proj('query'), proj('key'), proj('value')
+  q_BxLxNxH, k_BxSxKxH, v_BxSxKxH = proj('query'), proj('key'), proj('value')
   if cfg.position == 'rope':
-    q, k = np_rope(q, pos_BxT, cfg.rope_theta), np_rope(k, pos_BxT, cfg.rope_theta)
-  group = cfg.n_heads // cfg.kv_heads
-  k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(h)
-  delta = np.arange(t)[:, None] - np.arange(t)[None, :]
-  window = t if cfg.sliding_window is None else cfg.sliding_window
-  mask = (delta >= 0) & (delta < window) & (seg_BxT[:, :, None] == seg_BxT[:, None, :])
-  scores = np.where(mask[:, None], scores, -np.inf)
-  weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    q_BxLxNxH = np_rope(q_BxLxNxH, pos_BxL, cfg.rope_theta)
+    k_BxSxKxH = np_rope(k_BxSxKxH, pos_BxL, cfg.rope_theta)
+  group = cfg.n_heads // cfg.n_kv_heads
+  k_BxSxNxH, v_BxSxNxH = (np.repeat(x, group, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
+  scores_BxNxLxS = np.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxNxH) / np.sqrt(h)
+  delta_LxS = np.arange(length)[:, None] - np.arange(length)[None, :]
+  window = length if cfg.sliding_window is None else cfg.sliding_window
+  mask_BxLxS = ((delta_LxS >= 0) & (delta_LxS < window)
+                & (seg_BxL[:, :, None] == seg_BxL[:, None, :]))
+  scores_BxNxLxS = np.where(mask_BxLxS[:, None], scores_BxNxLxS, -np.inf)
+  weights = np.exp(scores_BxNxLxS - scores_BxNxLxS.max(axis=-1, keepdims=True))
   weights /= weights.sum(axis=-1, keepdims=True)
-  out = np.einsum('bnqk,bknh,nhd->bqd', weights, v, p['out']['kernel'])
+  out = np.einsum('bnls,bsnh,nhd->bld', weights, v_BxSxNxH, p['out']['kernel'])
   return out + p['out']['bias'] if cfg.out_bias else out
 
 
@@ -207,7 +209,7 @@ def test_attention_matches_numpy_reference(name, window, packed):
 
 
 def block_param_count(cfg):
-  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.d_ff
+  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
   attn = 2 * d * n * h + 2 * d * k * h
   attn += (n * h + 2 * k * h) * cfg.qkv_bias + d * cfg.out_bias
   n_up = 2 if cfg.mlp == 'swiglu' else 1
@@ -218,7 +220,7 @@ def block_param_count(cfg):
 
 def model_param_count(cfg):
   d = cfg.d_model
-  total = cfg.vocab_size * d + cfg.unique_layers * block_param_count(cfg)
+  total = cfg.vocab_size * d + cfg.n_unique_layers * block_param_count(cfg)
   total += d * (2 if cfg.norm == 'layernorm' else 1)  # final norm
   total += cfg.max_len * d * (cfg.position == 'learned')
   total += d * cfg.vocab_size * (not cfg.tie_embeddings)
@@ -266,10 +268,10 @@ def test_scan_layers_equals_unrolled(name, n_layers, unique, remat):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def loss_grad(cfg, params, tokens_BxT):
+def loss_grad(cfg, params, tokens_BxL):
   def loss(p):
-    logp = jax.nn.log_softmax(Transformer(cfg).apply({'params': p}, tokens_BxT[:, :-1]))
-    return -jnp.mean(jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1))
+    logp = jax.nn.log_softmax(Transformer(cfg).apply({'params': p}, tokens_BxL[:, :-1]))
+    return -jnp.mean(jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1))
   return jax.grad(loss)(params)
 
 
@@ -313,7 +315,7 @@ def test_cached_decoding_equals_full_forward(name, chunk):
   params, tokens = make_params(cfg), make_tokens(12, (2, t_len))
   cache = init_cache(cfg, 2, t_len)
   assert cache['k'].shape == (cfg.n_layers, 2, min(t_len, cfg.sliding_window or t_len),
-                              cfg.kv_heads, cfg.head_size)
+                              cfg.n_kv_heads, cfg.head_dim)
   pieces = []
   for start in range(0, t_len, chunk):
     logits, cache = forward(cfg, params, tokens[:, start:start + chunk], cache=cache)
@@ -328,8 +330,8 @@ def test_cached_decoding_equals_full_forward(name, chunk):
                          ids=['llama', 'gpt2', 'llama_scan', 'gpt2_scan_shared'])
 def test_every_parameter_carries_logical_axis_names(cfg):
   size_of = {axes.VOCAB: cfg.vocab_size, axes.EMBED: cfg.d_model, axes.HEADS: cfg.n_heads,
-             axes.KV_HEADS: cfg.kv_heads, axes.HEAD_DIM: cfg.head_size, axes.MLP: cfg.d_ff,
-             axes.LAYERS: cfg.unique_layers, axes.POSITION: cfg.max_len}
+             axes.KV_HEADS: cfg.n_kv_heads, axes.HEAD_DIM: cfg.head_dim, axes.MLP: cfg.d_ff,
+             axes.LAYERS: cfg.n_unique_layers, axes.POSITION: cfg.max_len}
   is_box = lambda x: isinstance(x, meta.AxisMetadata)
   flat = traverse_util.flatten_dict(boxed_shapes(cfg), is_leaf=lambda _, x: is_box(x))
   for path, leaf in flat.items():
@@ -378,3 +380,42 @@ def test_bfloat16_compute_with_float32_params(name):
 def test_bad_config_values_raise(changes, text):
   with pytest.raises(ValueError, match=re.escape(text)):
     LLAMA.replace(**changes)
+
+
+def test_derived_fields_resolve_to_ints_and_configs_compare_by_value():
+  sizes = dict(d_model=128, n_heads=4, n_layers=4, d_ff=96)
+  derived = ModelConfig(**sizes)
+  assert (derived.head_dim, derived.n_kv_heads, derived.moe_d_ff, derived.n_unique_layers) == (
+      32, 4, 96, 4)
+  given = ModelConfig(head_dim=32, n_kv_heads=4, moe_d_ff=96, n_unique_layers=4, **sizes)
+  assert given == derived and hash(given) == hash(derived) and repr(given) == repr(derived)
+  assert ModelConfig(head_dim=None, n_kv_heads=None) == ModelConfig()
+  assert ModelConfig(head_dim=16, **sizes) != derived
+  for old in ('head_size', 'kv_heads', 'expert_d_ff', 'unique_layers'):   # one name per concept
+    assert not hasattr(derived, old)
+  traces = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def width(cfg, x):
+    traces.append(cfg)
+    return x * cfg.head_dim
+
+  assert float(width(derived, 1.0)) == float(width(given, 1.0)) == 32.0
+  assert len(traces) == 1   # equal configs are one static argument
+
+
+@pytest.mark.parametrize('field,base,change,rederived,given', [
+    ('head_dim', dict(d_model=128, n_heads=4), dict(d_model=256), 64, 16),
+    ('n_kv_heads', dict(n_heads=4), dict(n_heads=8), 8, 2),
+    ('moe_d_ff', dict(d_ff=96), dict(d_ff=64), 64, 32),
+    ('n_unique_layers', dict(n_layers=4), dict(n_layers=6), 6, 2),
+])
+def test_replace_derives_again_what_was_derived_and_keeps_what_was_given(field, base, change,
+                                                                         rederived, given):
+  derived = ModelConfig(**base)
+  explicit = ModelConfig(**base, **{field: given})
+  for cfg in (derived, derived.replace(init_std=0.01), pickle.loads(pickle.dumps(derived))):
+    assert getattr(cfg.replace(**change), field) == rederived
+  for cfg in (explicit, explicit.replace(init_std=0.01), pickle.loads(pickle.dumps(explicit))):
+    assert getattr(cfg.replace(**change), field) == given
+  assert getattr(explicit.replace(**change, **{field: None}), field) == rederived
