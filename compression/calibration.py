@@ -1,68 +1,197 @@
-"""Calibration statistics gathered from the model itself: what each kernel sees as input.
+"""Calibration statistics, observed at the compression seam: what every weight sees as input.
 
-`input_statistics` runs the model on a few batches with a flax method interceptor on every
-`Linear`, and sums, per kernel, each input feature's square (Wanda) and optionally the Gram
-matrix X^T X (SparseGPT) over the non-padding tokens. `gradients` averages the loss gradient for
-saliency scores. The model must be unrolled (`scan_layers=False`): under `nn.scan` a layer's
-inputs exist only inside the loop.
+`input_statistics` runs the model on a few batches with each wanted weight replaced by an
+`Observed` leaf. Its seam rule (`models.seam`) records the contraction's inputs and then runs
+the plain contraction, so statistics exist for every weight the model multiplies by, wherever
+it sits: per input feature the sum of squares (Wanda) and optionally the Gram matrix X^T X
+(SparseGPT, GPTQ) over the non-padding tokens, and for MoE experts the same per expert, over
+the tokens routed to it. `gradients` averages the loss gradient for saliency scores.
+
+The model must be unrolled (`scan_layers=False`): under `nn.scan` one traced layer stands for
+all of them. MoE layers are observed through the dropless dispatch, so each expert sees every
+token routed to it (none dropped by a capacity limit).
 """
 
+import contextlib
+import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from models.layers import Linear
+from models import seam
+
+_HIGHEST = lax.Precision.HIGHEST
 
 
-def _check_unrolled(model) -> None:
-  if model.config.scan_layers:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Observed(seam.Leaf):
+  """A weight whose contractions report their inputs to the active `recording`."""
+  w: jax.Array
+  path: str = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return tuple(self.w.shape)
+
+  def logical_axes(self):
+    raise TypeError('Observed weights exist only while calibrating')
+
+
+class _Recording:
+  """Statistics of one traced forward pass: {path: {'sq', 'gram', 'tokens'}} in execution order."""
+
+  def __init__(self, real_M, gram: bool):
+    self.real_M, self.gram, self.stats = real_M, gram, {}
+
+  def add(self, path: str, stats: dict) -> None:
+    if path in self.stats:   # a weight used twice (a tied table): both uses count
+      stats = jax.tree.map(jnp.add, self.stats[path], stats)
+    self.stats[path] = stats
+
+
+_active = []
+
+
+@contextlib.contextmanager
+def recording(real_M, gram: bool):
+  """Observed contractions inside record into the returned `_Recording`.
+
+  `real_M` weighs the model's tokens (batch rows x length, flattened): 1 real, 0 padding; None
+  while only the execution order is wanted.
+  """
+  rec = _Recording(real_M, gram)
+  _active.append(rec)
+  try:
+    yield rec
+  finally:
+    _active.pop()
+
+
+def _moments(rows_MxI, weight_M, gram: bool) -> dict:
+  rows = rows_MxI.astype(jnp.float32) * weight_M[:, None]
+  out = dict(sq=jnp.sum(jnp.square(rows), axis=0), tokens=jnp.sum(weight_M))
+  if gram:
+    out['gram'] = jnp.matmul(rows.T, rows, precision=_HIGHEST)
+  return out
+
+
+def _token_weights(rec: _Recording, m: int):
+  """Padding weights of `m` rows: the recording's when they are the model's tokens, else 1."""
+  return rec.real_M if rec.real_M.shape[0] == m else jnp.ones((m,), jnp.float32)
+
+
+def _dot(x, o: Observed, x_dims, w_dims, dtype):
+  rec = _active[-1]
+  if rec.real_M is None:
+    rec.add(o.path, {})
+  elif w_dims == tuple(range(len(x_dims))):   # contracted on the weight's input side
+    rows = x.reshape(-1, math.prod(x.shape[x.ndim - len(x_dims):]))
+    rec.add(o.path, _moments(rows, _token_weights(rec, rows.shape[0]), rec.gram))
+  # (A table used transposed, as a tied head, is observed through its lookup.)
+  return lax.dot_general(x.astype(dtype), o.w.astype(dtype), ((x_dims, w_dims), ((), ())))
+
+
+def _ragged_dot(x_MxI, o: Observed, group_sizes_E, dtype, rows_M):
+  rec = _active[-1]
+  if rec.real_M is None:
+    rec.add(o.path, {})
+  else:
+    e, m = group_sizes_E.shape[0], x_MxI.shape[0]
+    # Row r belongs to expert searchsorted(cumsum(sizes), r); rows past the total to none.
+    expert_M = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(m), side='right')
+    weight_M = rec.real_M[rows_M] if rows_M is not None else jnp.ones((m,), jnp.float32)
+    member_MxE = jax.nn.one_hot(expert_M, e, dtype=jnp.float32) * weight_M[:, None]
+    x32 = x_MxI.astype(jnp.float32)
+    stats = dict(sq=jnp.matmul(member_MxE.T, jnp.square(x32), precision=_HIGHEST),
+                 tokens=jnp.sum(member_MxE, axis=0))
+    if rec.gram:
+      stats['gram'] = jnp.einsum('me,mi,mj->eij', member_MxE, x32, x32, precision=_HIGHEST)
+    rec.add(o.path, stats)
+  return lax.ragged_dot(x_MxI.astype(dtype), o.w.astype(dtype), group_sizes_E)
+
+
+def _expert_dot(x_ExMxI, o: Observed, dtype):
+  raise ValueError(f'{o.path}: calibration observes experts through the dropless dispatch')
+
+
+def _take(o: Observed, ids, dtype):
+  """A lookup is the product one_hot(ids) x table: the input's squares are the id counts."""
+  rec = _active[-1]
+  if rec.real_M is None:
+    rec.add(o.path, {})
+  else:
+    n = o.w.shape[0]
+    weight = _token_weights(rec, ids.size)
+    counts = jnp.zeros((n,), jnp.float32).at[ids.reshape(-1)].add(weight)
+    stats = dict(sq=counts, tokens=jnp.sum(weight))
+    if rec.gram:
+      stats['gram'] = jnp.diag(counts)
+    rec.add(o.path, stats)
+  return jnp.take(o.w, ids, axis=0).astype(dtype)
+
+
+seam.register(Observed, seam.Rule(dense=lambda o, dtype: o.w, dot=_dot, expert_dot=_expert_dot,
+                                  ragged_dot=_ragged_dot, take=_take))
+
+
+def _observing(model, params, paths_):
+  """(the model as calibration runs it, params with the wanted weights observed)."""
+  cfg = model.config
+  if cfg.scan_layers:
     raise ValueError('calibration needs the unrolled layout: use scan_layers=False '
                      '(models.unstack_layers converts the parameters)')
+  if cfg.n_experts and cfg.moe_dispatch != 'dropless':
+    model = model.clone(config=cfg.replace(moe_dispatch='dropless'))
+  wanted = set(paths_)
+
+  def wrap(tree, prefix=''):
+    return {k: wrap(v, f'{prefix}{k}/') if isinstance(v, dict) else
+            Observed(v, prefix + k) if prefix + k in wanted else v for k, v in tree.items()}
+
+  return model, wrap(params)
+
+
+def _forward(model, params, batch):
+  return model.apply({'params': params}, batch['inputs'], positions=batch['positions'],
+                     segment_ids=batch['segment_ids'], mutable=['moe'])
+
+
+def execution_order(model, params, batch, paths_) -> list:
+  """`paths_` in the order the forward pass first multiplies by them (traced, not run)."""
+  model, observed = _observing(model, params, paths_)
+  with recording(None, False) as rec:
+    jax.eval_shape(lambda p: _forward(model, p, batch), observed)
+  return list(rec.stats)
 
 
 def input_statistics(model, params, batches, kernel_paths, gram: bool = False) -> dict:
-  """{kernel path: {'sq': [in], 'gram': [in, in] (if asked), 'tokens': n}} summed over batches.
+  """{path: {'sq': [stack..., in], 'gram': [stack..., in, in] (if asked), 'tokens': [stack...]}}
+  summed over batches; the stack dims are the weight's experts (none for a plain kernel).
 
   Batches are dicts with 'inputs', 'positions', 'segment_ids' (0 marks padding).
   """
-  _check_unrolled(model)
-  wanted = set(kernel_paths)
+  calib_model, _ = _observing(model, params, ())
 
   @jax.jit
   def one_batch(params, batch):
-    found = {}
+    real_M = (batch['segment_ids'] > 0).reshape(-1).astype(jnp.float32)
+    _, observed = _observing(model, params, kernel_paths)
+    with recording(real_M, gram) as rec:
+      _forward(calib_model, observed, batch)
+    return rec.stats
 
-    def interceptor(method, args, kwargs, context):
-      module = context.module
-      path = '/'.join(module.path) + '/kernel'
-      if isinstance(module, Linear) and context.method_name == '__call__' and path in wanted:
-        x = args[0]
-        n_in = math.prod(module.in_features)
-        rows = x.reshape(-1, n_in).astype(jnp.float32) * real[:, None]
-        stats = dict(sq=jnp.sum(jnp.square(rows), axis=0))
-        if gram:
-          stats['gram'] = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
-        found[path] = stats
-      return method(*args, **kwargs)
-
-    real = (batch['segment_ids'] > 0).reshape(-1).astype(jnp.float32)
-    with nn.intercept_methods(interceptor):
-      model.apply({'params': params}, batch['inputs'], positions=batch['positions'],
-                  segment_ids=batch['segment_ids'])
-    return found, jnp.sum(real)
-
-  total, tokens = None, 0.0
+  total = None
   for batch in batches:
-    found, n = one_batch(params, {k: batch[k] for k in ('inputs', 'positions', 'segment_ids')})
+    found = one_batch(params, {k: batch[k] for k in ('inputs', 'positions', 'segment_ids')})
     total = found if total is None else jax.tree.map(jnp.add, total, found)
-    tokens += float(n)
-  missing = sorted(wanted - set(total or {}))
+  missing = sorted(set(kernel_paths) - set(total or {}))
   if missing:
-    raise ValueError(f'no inputs were seen for {missing[:3]}: calibration covers Linear kernels '
-                     f'of the unrolled model only')
-  return {p: dict(s, tokens=tokens) for p, s in total.items()}
+    raise ValueError(f'no inputs were seen for {missing[:3]}: the forward pass never multiplies '
+                     f'by them')
+  return total
 
 
 def gradients(model, params, batches, loss_fn) -> dict:
@@ -74,3 +203,4 @@ def gradients(model, params, batches, loss_fn) -> dict:
     total = g if total is None else jax.tree.map(jnp.add, total, g)
     n += 1
   return jax.tree.map(lambda x: x / n, total)
+

@@ -6,14 +6,38 @@ exactly `int(n * sparsity)` of every group, per layer, globally, or N of every M
 weights along the input dimension.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 from compression import paths
 
-NM = Optional[Tuple[int, int]]
+
+class NM(NamedTuple):
+  """N:M sparsity: N of every M consecutive inputs of each output are kept (2:4, 4:8)."""
+  n: int
+  m: int
+
+  @classmethod
+  def of(cls, value: Union['NM', tuple, str, None]) -> Optional['NM']:
+    """An NM from (n, m), 'n:m' or None (None stays None); ValueError in one line if invalid."""
+    if value is None:
+      return None
+    if isinstance(value, str):
+      try:
+        value = tuple(int(v) for v in value.split(':'))
+      except ValueError:
+        raise ValueError(f'N:M pattern {value!r} is not two integers N:M') from None
+    if len(value) != 2:
+      raise ValueError(f'N:M pattern {value!r} is not two integers N:M')
+    n, m = value
+    if not (isinstance(n, int) and isinstance(m, int) and 0 <= n < m):
+      raise ValueError(f'N:M pattern {n}:{m} needs integers 0 <= N < M')
+    return cls(n, m)
+
+  def __str__(self):
+    return f'{self.n}:{self.m}'
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -21,12 +45,11 @@ def check_sparsity(sparsity: float) -> None:
     raise ValueError(f'sparsity={sparsity!r} must be in [0, 1)')
 
 
-def check_nm(nm: NM, in_features: Optional[int] = None, where: str = '') -> None:
+def check_nm(nm, in_features: Optional[int] = None, where: str = '') -> None:
+  nm = NM.of(nm)
   if nm is None:
     return
   n, m = nm
-  if not (isinstance(n, int) and isinstance(m, int) and 0 <= n < m):
-    raise ValueError(f'N:M pattern {n}:{m} needs integers 0 <= N < M')
   if in_features is not None and in_features % m:
     raise ValueError(f'N:M pattern {n}:{m}: M={m} does not divide the {in_features} inputs of '
                      f'{where}')
@@ -40,7 +63,7 @@ def keep_lowest_removed(scores, n_remove: int):
   return ~removed.reshape(scores.shape)
 
 
-def nm_mask(scores_BxIxO, nm: Tuple[int, int]):
+def nm_mask(scores_BxIxO, nm: NM):
   """Keeps the N highest of every M consecutive inputs, for every output (and batch entry)."""
   n, m = nm
   b, i, o = scores_BxIxO.shape
@@ -57,8 +80,11 @@ def per_output_mask(scores_BxIxO, sparsity: float):
   return rank >= int(i * sparsity)
 
 
-def from_scores(params, scores: dict, sparsity: float, nm: NM = None, scope: str = 'layer'):
+def from_scores(params, scores: dict, sparsity: float, nm: Optional[NM] = None,
+                scope: str = 'layer', *, layouts: paths.Layouts):
   """A mask tree from {path: score array shaped like the leaf} (higher score = keep).
+
+  `layouts` ({path: models.layouts.Layout}) says how each scored leaf is a stack of matrices.
 
   scope 'layer' removes int(size * sparsity) weights of every scored matrix (each scanned layer
   and each expert of a stacked leaf separately), 'global' the same
@@ -70,12 +96,7 @@ def from_scores(params, scores: dict, sparsity: float, nm: NM = None, scope: str
     raise ValueError(f'scope={scope!r} is not one of layer, global, output')
   flat = paths.flatten(params)
   masks = {}
-  if nm is not None:
-    for path, s in scores.items():
-      mats, back = paths.as_matrices(path, s)
-      check_nm(nm, mats.shape[1], path)
-      masks[path] = back(nm_mask(mats, nm))
-  elif scope == 'global':
+  if nm is None and scope == 'global':
     order = sorted(scores)
     joined = jnp.concatenate([scores[p].reshape(-1).astype(jnp.float32) for p in order])
     kept = keep_lowest_removed(joined, int(joined.size * sparsity))
@@ -86,15 +107,21 @@ def from_scores(params, scores: dict, sparsity: float, nm: NM = None, scope: str
       offsets += size
   else:
     for path, s in scores.items():
-      if scope == 'output':
-        mats, back = paths.as_matrices(path, s)
-        masks[path] = back(per_output_mask(mats, sparsity))
-      else:   # each matrix of a stack (scanned layer, expert) is its own layer
-        mats, back = paths.as_matrices(path, s)
-        n_remove = int(mats[0].size * sparsity)
-        masks[path] = back(jax.vmap(lambda m: keep_lowest_removed(m, n_remove))(mats))
+      mats, back = paths.as_matrices(s, layouts[path])
+      check_nm(nm, mats.shape[1], path)
+      masks[path] = back(from_matrices(mats, sparsity, nm, scope))
   return paths.unflatten({p: like(masks[p], flat[p]) if p in masks else jnp.ones((), jnp.bool_)
                           for p in flat})
+
+
+def from_matrices(scores_SxIxO, sparsity: float, nm: Optional[NM] = None, scope: str = 'layer'):
+  """Keep-mask of a stack of matrices: N:M, or per matrix ('layer') or per output ('output')."""
+  if nm is not None:
+    return nm_mask(scores_SxIxO, nm)
+  if scope == 'output':
+    return per_output_mask(scores_SxIxO, sparsity)
+  n_remove = int(scores_SxIxO[0].size * sparsity)   # each matrix of a stack is its own layer
+  return jax.vmap(lambda m: keep_lowest_removed(m, n_remove))(scores_SxIxO)
 
 
 def like(mask, param):

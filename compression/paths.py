@@ -1,21 +1,28 @@
-"""Parameter paths: which leaves a compression method touches, and how each is a matrix.
+"""Which weights a compression method touches, and how each one is a stack of matrices.
 
 A path is the '/'-joined key of a leaf, e.g. 'blocks_0/attn/query/kernel' (unrolled) or
-'blocks/mlp/up' (scanned MoE experts). Every weight is viewed as a stack of matrices
-[batch..., in, out]: leading batch dims are the stacked layers of `scan_layers` and the experts of
-an MoE layer; `in` is the reduction (input) side of the matmul, `out` the output side.
+'blocks/mlp/up' (scanned MoE experts). What a weight's dimensions mean comes from the model
+(`models.layouts`: {path: Layout}, read from the logical axis names every parameter carries),
+never from the path's spelling: a weight is a stack of matrices [stack..., in..., out...] whose
+leading dims are scanned layers and experts, `in` the reduction (input) side of the matmul and
+`out` the output side. `as_matrices` views it as [stack, in, out].
 """
 
-import math
 import re
-from typing import Optional
+from typing import Dict, Optional
 
 import flax
 
-# Embedding tables, the output head and MoE routers are left alone by default: they are small,
-# sensitive, or (the tied head) shared with the embedding.
-DEFAULT_EXCLUDE = r'(^|/)(embed|pos_embed|lm_head|router)(/|$)'
-_EXPERT_LEAF = re.compile(r'(^|/)mlp/(up|gate|down)$')
+from models import axes
+from models.layouts import Layout
+
+Layouts = Dict[str, Layout]
+
+# The default selection leaves out embedding tables and output heads (a vocabulary or position
+# axis: small, sensitive, and the tied head is shared with the embedding) and MoE routers (the
+# expert axis on their output side). `exclude=None` leaves nothing out; a regex leaves out the
+# paths it matches.
+DEFAULT = 'default'
 
 
 def flatten(params) -> dict:
@@ -26,49 +33,40 @@ def unflatten(flat: dict):
   return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in flat.items()})
 
 
-def is_weight(path: str, ndim: int) -> bool:
-  """Matmul weights: Linear kernels and stacked expert kernels (2-D or more)."""
-  return ndim >= 2 and (path.endswith('/kernel') or bool(_EXPERT_LEAF.search(path)))
+def default_excluded(layout: Layout) -> bool:
+  """Embedding tables, output heads and routers (see DEFAULT)."""
+  outputs = layout.names[layout.stack + layout.inputs:]
+  return (axes.VOCAB in layout.names or axes.POSITION in layout.names
+          or axes.EXPERT in outputs)
 
 
-def select(params, include: Optional[str] = None, exclude: Optional[str] = DEFAULT_EXCLUDE):
-  """Sorted paths of the weights matching `include` (a regex searched in the path; None: all
-  matmul weights) and not `exclude`.
+def select(params, layouts: Layouts, include: Optional[str] = None,
+           exclude: Optional[str] = DEFAULT):
+  """Sorted paths of the matmul weights of `params` matching `include` (a regex searched in the
+  path; None: all) and not `exclude` (DEFAULT, None or a regex).
 
   Raises:
     ValueError: in one line, when nothing matches.
   """
   flat = flatten(params)
-  chosen = sorted(p for p, v in flat.items() if is_weight(p, v.ndim)
-                  and (include is None or re.search(include, p))
-                  and (exclude is None or not re.search(exclude, p)))
+  weights = sorted(p for p in flat if p in layouts)
+  chosen = [p for p in weights
+            if (include is None or re.search(include, p))
+            and not (exclude == DEFAULT and default_excluded(layouts[p]))
+            and not (exclude not in (None, DEFAULT) and re.search(exclude, p))]
   if not chosen:
-    example = next((p for p, v in sorted(flat.items()) if is_weight(p, v.ndim)), '(none)')
+    example = weights[0] if weights else '(none)'
     raise ValueError(f'the selection include={include!r} exclude={exclude!r} matches no weight; '
                      f'weight paths look like {example!r}')
   return chosen
 
 
-def batch_dims(path: str, ndim: int) -> int:
-  """Leading dims that index separate matrices: scanned layers, then experts."""
-  scanned = 1 if path.split('/')[0] == 'blocks' else 0
-  expert = 1 if _EXPERT_LEAF.search(path) else 0
-  return scanned + expert
+def matrix_shape(layout: Layout, shape) -> tuple:
+  """(stack, in, out): how `as_matrices` views a weight of this layout and shape."""
+  return layout.matrix_shape(shape)
 
 
-def in_dims(path: str) -> int:
-  """Input dims after the batch dims: the attention output kernel takes [heads, head_dim]."""
-  return 2 if path.endswith('attn/out/kernel') else 1
-
-
-def matrix_shape(path: str, shape) -> tuple:
-  """(stack, in, out): how `as_matrices` views a weight of this path and shape."""
-  nb, ni = batch_dims(path, len(shape)), in_dims(path)
-  return (math.prod(shape[:nb]), math.prod(shape[nb:nb + ni]),
-          math.prod(shape[nb + ni:]))
-
-
-def as_matrices(path: str, w):
-  """w -> [batch, in, out] (batch 1 for a plain kernel) and the function that undoes it."""
+def as_matrices(w, layout: Layout):
+  """w -> [stack, in, out] (stack 1 for a plain kernel) and the function that undoes it."""
   shape = w.shape
-  return w.reshape(matrix_shape(path, shape)), lambda m: m.reshape(shape)
+  return w.reshape(layout.matrix_shape(shape)), lambda m: m.reshape(shape)

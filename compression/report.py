@@ -10,21 +10,23 @@ per weight (a simple sparse format).
 import numpy as np
 
 from compression import paths
-from models import flops
+from models import axes, flops, layouts as layouts_lib
 
 
-def sparsity_report(params, cfg=None, seq_len: int = 0, include=None,
-                    exclude=paths.DEFAULT_EXCLUDE) -> dict:
-  """{'layers': {path: {...}}, 'total': {...}} for the selected weights (and all parameters)."""
+def sparsity_report(params, cfg, seq_len: int = 0, include=None,
+                    exclude=paths.DEFAULT) -> dict:
+  """{'layers': {path: {...}}, 'total': {...}} for the selected weights (and all parameters)
+  of a model of config `cfg`."""
   flat = paths.flatten(params)
-  selected = paths.select(params, include, exclude)
+  layouts = layouts_lib.of_config(cfg)
+  selected = paths.select(params, layouts, include, exclude)
   layers, zeros_active = {}, 0.0
   for p in selected:
     w = np.asarray(flat[p])
     nonzero = int(np.count_nonzero(w))
     layers[p] = dict(params=int(w.size), nonzero=nonzero, sparsity=1 - nonzero / w.size)
     share = 1.0
-    if cfg is not None and cfg.n_experts and paths.batch_dims(p, w.ndim) > 0 and '/mlp/' in p:
+    if axes.EXPERT in layouts[p].stacked_names:
       share = cfg.experts_per_token / cfg.n_experts
     zeros_active += share * (w.size - nonzero)
   n_sel = sum(l['params'] for l in layers.values())
@@ -35,9 +37,8 @@ def sparsity_report(params, cfg=None, seq_len: int = 0, include=None,
                selected_nonzero=nz_sel, sparsity=1 - nz_sel / max(n_sel, 1),
                dense_bytes=n_all * itemsize,
                sparse_bytes=(n_all - n_sel) * itemsize + nz_sel * itemsize + n_sel // 8)
-  if cfg is not None:
-    dense = flops.train_flops_per_token(cfg, seq_len or cfg.max_len) / 3   # forward only
-    total.update(dense_flops_per_token=dense, effective_flops_per_token=dense - 2 * zeros_active)
+  dense = flops.train_flops_per_token(cfg, seq_len or cfg.max_len) / 3   # forward only
+  total.update(dense_flops_per_token=dense, effective_flops_per_token=dense - 2 * zeros_active)
   return dict(layers=layers, total=total)
 
 

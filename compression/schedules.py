@@ -29,7 +29,7 @@ class GradualState(NamedTuple):
   count: jax.Array
 
 
-def _magnitude_masks(params, selected, sparsity, current):
+def _magnitude_masks(params, selected, sparsity, current, layouts):
   """Per-layer magnitude masks at a traced sparsity (exact count per matrix, rounded down);
   leaves not selected keep their `current` mask."""
   flat, current = paths.flatten(params), paths.flatten(current)
@@ -40,15 +40,20 @@ def _magnitude_masks(params, selected, sparsity, current):
     return (rank >= jnp.floor(m.size * sparsity).astype(jnp.int32)).reshape(m.shape)
 
   for p in selected:
-    mats, back = paths.as_matrices(p, flat[p])
+    mats, back = paths.as_matrices(flat[p], layouts[p])
     out[p] = back(jax.vmap(keep)(mats))
   return paths.unflatten({p: out.get(p, current[p]) for p in flat})
 
 
 def gradual(inner: optax.GradientTransformation, final_sparsity: float, start: int, end: int,
             every: int = 10, include: Optional[str] = None,
-            exclude: Optional[str] = paths.DEFAULT_EXCLUDE) -> optax.GradientTransformation:
-  """`inner`, with magnitude pruning ramped cubically to `final_sparsity` over [start, end]."""
+            exclude: Optional[str] = paths.DEFAULT, *,
+            layouts: paths.Layouts) -> optax.GradientTransformation:
+  """`inner`, with magnitude pruning ramped cubically to `final_sparsity` over [start, end].
+
+  `layouts` ({path: models.layouts.Layout}, e.g. `models.layouts.of_config(cfg)`) says which
+  leaves are matmul weights and how each is a stack of matrices.
+  """
   masks.check_sparsity(final_sparsity)
   if not 0 <= start <= end or every < 1:
     raise ValueError(f'gradual pruning needs 0 <= start <= end and every >= 1 '
@@ -61,14 +66,14 @@ def gradual(inner: optax.GradientTransformation, final_sparsity: float, start: i
   def update(updates, state, params=None):
     if params is None:
       raise ValueError('gradual pruning needs the parameters in update()')
-    selected = paths.select(params, include, exclude)
+    selected = paths.select(params, layouts, include, exclude)
     updates, inner_state = inner.update(updates, state.inner, params)
     step = state.count
     due = (step >= start) & (step <= end) & ((step - start) % every == 0)
     sparsity = polynomial_sparsity(step, final_sparsity, start, end)
     mask_tree = jax.lax.cond(due, lambda: _magnitude_masks(
         jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, state.masks), selected, sparsity,
-        state.masks),
+        state.masks, layouts),
         lambda: state.masks)
     updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, mask_tree)
     return updates, GradualState(inner_state, mask_tree, step + 1)
@@ -76,13 +81,28 @@ def gradual(inner: optax.GradientTransformation, final_sparsity: float, start: i
   return optax.GradientTransformation(init, update)
 
 
+class FrozenState(NamedTuple):
+  inner: optax.OptState
+  masks: optax.Params
+
+
 def frozen(inner: optax.GradientTransformation, mask_tree) -> optax.GradientTransformation:
-  """`inner` with a fixed mask: fine-tuning a pruned model keeps its zeros exactly."""
+  """`inner` with a fixed mask: fine-tuning a pruned model keeps its zeros exactly.
+
+  The mask tree lives in the optimizer state, one full-shape leaf per parameter built like it
+  (so it is sharded like the parameters and checkpointed with them), not in the compiled step.
+  """
   def init(params):
-    return inner.init(params)
+    # Mapping over `params` keeps its logical-name boxes, so the masks shard like the params.
+    leaves, treedef = jax.tree.flatten(params)
+    # (A copy: a train step donating its state must not delete the caller's masks.)
+    masks = [jnp.array(jnp.broadcast_to(jnp.asarray(m, jnp.bool_), jnp.shape(p)), copy=True)
+             for p, m in zip(leaves, jax.tree.leaves(mask_tree))]
+    return FrozenState(inner.init(params), jax.tree.unflatten(treedef, masks))
 
   def update(updates, state, params=None):
-    updates, state = inner.update(updates, state, params)
-    return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, mask_tree), state
+    updates, inner_state = inner.update(updates, state.inner, params)
+    updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, state.masks)
+    return updates, FrozenState(inner_state, state.masks)
 
   return optax.GradientTransformation(init, update)

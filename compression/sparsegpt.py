@@ -1,11 +1,7 @@
-"""Pruning that looks at the data: Wanda and SparseGPT on one weight matrix.
+"""SparseGPT on one weight matrix, and the inverse-Hessian factor it shares with GPTQ.
 
-Both see a kernel as [in, out] (y = x @ w) and calibration inputs through their statistics:
-Wanda needs each input feature's sum of squares over the calibration tokens, SparseGPT the
-Gram matrix H = X^T X [in, in].
-
-Wanda (Sun et al., 2023): score |w_ij| * ||x_i||, remove the lowest-scoring inputs of every output
-(or N of every M consecutive inputs); the kept weights are unchanged.
+A kernel is seen as [in, out] (y = x @ w) and its calibration inputs through the Gram matrix
+H = X^T X [in, in] (`compression.calibration.input_statistics(..., gram=True)`).
 
 SparseGPT (Frantar & Alistarh, 2023): approximate layer-wise reconstruction. Inputs are visited
 in order, in blocks; within a block the mask is chosen from w^2 / [H^-1]_ii^2 (the OBS saliency),
@@ -25,21 +21,7 @@ from compression import masks
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def wanda_scores(kernel_IxO, input_sq_sums_I):
-  return jnp.abs(kernel_IxO) * jnp.sqrt(input_sq_sums_I)[:, None]
-
-
-def wanda_mask(kernel_IxO, input_sq_sums_I, sparsity: float, nm=None):
-  """Keep-mask [in, out]: per output, the lowest |w| * ||x|| inputs removed (or N:M)."""
-  masks.check_sparsity(sparsity)
-  masks.check_nm(nm, kernel_IxO.shape[0], 'the kernel')
-  scores = wanda_scores(kernel_IxO.astype(jnp.float32), input_sq_sums_I.astype(jnp.float32))
-  if nm is not None:
-    return masks.nm_mask(scores[None], nm)[0]
-  return masks.per_output_mask(scores[None], sparsity)[0]
-
-
-def _inverse_hessian_factor(hessian_IxI, dampening: float):
+def inverse_hessian_factor(hessian_IxI, dampening: float):
   """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), after dampening; and the dead inputs."""
   h = hessian_IxI.astype(jnp.float32)
   dead = jnp.diag(h) == 0
@@ -61,7 +43,7 @@ def sparsegpt(kernel_IxO, hessian_IxI, sparsity: float, nm=None, block_size: int
   masks.check_sparsity(sparsity)
   masks.check_nm(nm, kernel_IxO.shape[0], 'the kernel')
   dtype = kernel_IxO.dtype
-  u, dead = _inverse_hessian_factor(hessian_IxI, dampening)
+  u, dead = inverse_hessian_factor(hessian_IxI, dampening)
   w = jnp.where(dead[:, None], 0.0, kernel_IxO.astype(jnp.float32))
   n_in = w.shape[0]
   keep = jnp.ones(w.shape, jnp.bool_)

@@ -2,19 +2,21 @@
 
 Each function takes a `ModelConfig` and unrolled parameters and returns a smaller config and
 parameter tree (fewer FLOPs and bytes), plus the keep-indices per layer so the same removal can
-be checked against the masked full model (`mask_of`). Units are ranked within each layer by
-importance: 'l1' / 'l2' norms of every weight the unit owns, or 'taylor' |sum(w * g)| over them
-with gradients from calibration batches. Every layer keeps the same count, since one config
-describes all layers.
+be checked against the masked full model (`mask_of`). A unit is an index along one logical axis
+(`mlp` for FFN neurons, `kv_heads` groups for heads, `expert` for experts): removing it takes
+that index out of every parameter of the block carrying the axis, whatever the block's module
+names (read from the model's logical names, `models.layouts`). Units are ranked within each
+layer by importance over the matmul weights that own them: 'l1' / 'l2' norms, or 'taylor'
+|sum(w * g)| with gradients from calibration batches. Every layer keeps the same count, since
+one config describes all layers.
 """
-
-import re
-from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 from compression import paths
+from models import axes, layouts
+from models.transformer import Transformer, block_name
 
 IMPORTANCE = ('l1', 'l2', 'taylor')
 
@@ -30,7 +32,7 @@ def check(kind: str, cfg, amount, importance: str = 'l2', grads=None) -> None:
   """
   if kind not in KINDS:
     raise ValueError(f'unknown structural kind {kind!r}; kinds: {", ".join(KINDS)}')
-  if cfg.scan_layers or cfg.n_unique_layers is not None:
+  if cfg.scan_layers or cfg.n_unique_layers != cfg.n_layers:
     raise ValueError('structural pruning needs unrolled, unshared layers (scan_layers=False, '
                      'n_unique_layers=None)')
   if importance not in IMPORTANCE:
@@ -43,8 +45,8 @@ def check(kind: str, cfg, amount, importance: str = 'l2', grads=None) -> None:
     raise ValueError(f'{kind}: fraction={amount!r} must be in [0, 1)')
   if kind == 'ffn' and cfg.n_experts:
     raise ValueError('ffn prunes dense MLPs; prune experts with `experts`')
-  if kind == 'heads' and cfg.kv_heads - int(round(cfg.kv_heads * amount)) < 1:
-    raise ValueError(f'heads: fraction={amount} would remove all {cfg.kv_heads} key/value heads')
+  if kind == 'heads' and cfg.n_kv_heads - int(round(cfg.n_kv_heads * amount)) < 1:
+    raise ValueError(f'heads: fraction={amount} would remove all {cfg.n_kv_heads} key/value heads')
   if kind == 'experts':
     if not cfg.n_experts:
       raise ValueError('experts: the model has no experts (n_experts=0)')
@@ -82,14 +84,44 @@ def _keep_top(scores, n_keep: int):
   return np.sort(np.argsort(-scores, kind='stable')[:n_keep])
 
 
-def _layers(params):
-  return sorted((k for k in params if re.fullmatch(r'blocks_\d+', k)), key=lambda k: int(k[7:]))
+def _block_params(cfg, params, axis: str):
+  """[(block key, {path in block: (names, dim of `axis`)})] for the parameters carrying `axis`."""
+  names = layouts.logical_names(Transformer(cfg))
+  out = []
+  for i in range(cfg.n_layers):
+    block = block_name(i)
+    found = {}
+    for p, n in names.items():
+      if p.startswith(block + '/') and axis in n:
+        found[p[len(block) + 1:]] = (n, n.index(axis))
+    out.append((block, found))
+  return out
 
 
-def _get(tree, path):
-  for k in path.split('/'):
-    tree = tree[k]
-  return tree
+def _unit_scores(cfg, params, grads, block, found, importance, group: int = 1):
+  """Importance of each unit of a block, over its matmul weights (not tables, heads, routers)."""
+  lay = layouts.of_config(cfg)
+  flat = paths.flatten(params[block])
+  gflat = None if grads is None else paths.flatten(grads[block])
+  pieces = []
+  for p, (_, dim) in sorted(found.items()):
+    full = f'{block}/{p}'
+    if full not in lay or paths.default_excluded(lay[full]):
+      continue
+    w, g = np.asarray(flat[p]), None if gflat is None else np.asarray(gflat[p])
+    if group > 1:   # query heads: [.., heads, ..] -> [.., kv groups, heads per group, ..]
+      shape = w.shape[:dim] + (w.shape[dim] // group, group) + w.shape[dim + 1:]
+      w, g = w.reshape(shape), None if g is None else g.reshape(shape)
+    pieces.append((w, g, dim))
+  return _score(pieces, importance)
+
+
+def _take_units(params, block, found, idx):
+  """Keeps units `idx` along their axis in every parameter of `block` that has it."""
+  flat = paths.flatten(params[block])
+  for p, (_, dim) in found.items():
+    flat[p] = jnp.take(flat[p], idx, axis=dim)
+  params[block] = paths.unflatten(flat)
 
 
 def ffn_neurons(cfg, params, fraction: float, importance: str = 'l2', grads=None):
@@ -102,54 +134,35 @@ def ffn_neurons(cfg, params, fraction: float, importance: str = 'l2', grads=None
   n_keep = cfg.d_ff - int(round(cfg.d_ff * fraction))
   params = jax_tree_copy(params)
   keep = {}
-  for layer in _layers(params):
-    mlp = params[layer]['mlp']
-    g = None if grads is None else grads[layer]['mlp']   # `g and x`: None unless Taylor
-    names = [n for n in ('up', 'gate') if n in mlp]
-    pieces = [(mlp[n]['kernel'], g and g[n]['kernel'], 1) for n in names]
-    pieces.append((mlp['down']['kernel'], g and g['down']['kernel'], 0))
-    idx = _keep_top(_score(pieces, importance), n_keep)
-    for n in names:
-      mlp[n]['kernel'] = mlp[n]['kernel'][:, idx]
-      if 'bias' in mlp[n]:
-        mlp[n]['bias'] = mlp[n]['bias'][idx]
-    mlp['down']['kernel'] = mlp['down']['kernel'][idx]
-    keep[layer] = idx
+  for block, found in _block_params(cfg, params, axes.MLP):
+    idx = _keep_top(_unit_scores(cfg, params, grads, block, found, importance), n_keep)
+    _take_units(params, block, found, idx)
+    keep[block] = idx
   return cfg.replace(d_ff=n_keep), params, keep
 
 
 def attention_heads(cfg, params, fraction: float, importance: str = 'l2', grads=None):
-  """Removes round(kv_heads * fraction) key/value groups with their query heads, per layer.
+  """Removes round(n_kv_heads * fraction) key/value groups with their query heads, per layer.
 
   Grouped-query models keep their grouping: a kv head and the query heads reading it go
   together. Returns (cfg, params, {layer: kept query heads}).
   """
   check('heads', cfg, fraction, importance)
   _check_grads(importance, grads)
-  groups, per_group, h = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_size
+  groups, per_group = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
   n_keep = groups - int(round(groups * fraction))
   params = jax_tree_copy(params)
   keep = {}
-  for layer in _layers(params):
-    attn = params[layer]['attn']
-    g = None if grads is None else grads[layer]['attn']
-    q = lambda t: np.asarray(t).reshape(t.shape[:1] + (groups, per_group * h) + t.shape[3:])
-    pieces = [(q(attn['query']['kernel']), g and q(g['query']['kernel']), 1),
-              (attn['key']['kernel'], g and g['key']['kernel'], 1),
-              (attn['value']['kernel'], g and g['value']['kernel'], 1),
-              (np.asarray(attn['out']['kernel']).reshape(groups, per_group * h, -1),
-               g and np.asarray(g['out']['kernel']).reshape(groups, per_group * h, -1), 0)]
-    kept_groups = _keep_top(_score(pieces, importance), n_keep)
+  kv = dict(_block_params(cfg, params, axes.KV_HEADS))
+  for block, found in _block_params(cfg, params, axes.HEADS):
+    scores = (_unit_scores(cfg, params, grads, block, found, importance, per_group)
+              + _unit_scores(cfg, params, grads, block, kv[block], importance))
+    kept_groups = _keep_top(scores, n_keep)
     heads = np.concatenate([np.arange(k * per_group, (k + 1) * per_group) for k in kept_groups])
-    for name, idx, axis in (('query', heads, 1), ('key', kept_groups, 1),
-                            ('value', kept_groups, 1), ('out', heads, 0)):
-      leaf = attn[name]
-      leaf['kernel'] = jnp.take(leaf['kernel'], idx, axis=axis)
-      if 'bias' in leaf and name != 'out':
-        leaf['bias'] = jnp.take(leaf['bias'], idx, axis=0)
-    keep[layer] = heads
-  new = cfg.replace(n_heads=n_keep * per_group,
-                    n_kv_heads=None if cfg.n_kv_heads is None else n_keep, head_dim=h)
+    _take_units(params, block, found, heads)
+    _take_units(params, block, kv[block], kept_groups)
+    keep[block] = heads
+  new = cfg.replace(n_heads=n_keep * per_group, n_kv_heads=n_keep, head_dim=cfg.head_dim)
   return new, params, keep
 
 
@@ -157,7 +170,7 @@ def layers(cfg, params, n_remove: int, importance: str = 'l2', grads=None):
   """Removes the `n_remove` least important whole blocks; returns (cfg, params, kept layers)."""
   check('layers', cfg, n_remove, importance)
   _check_grads(importance, grads)
-  names = _layers(params)
+  names = [block_name(i) for i in range(cfg.n_layers)]
   scores = []
   for layer in names:
     flat = paths.flatten(params[layer])
@@ -170,7 +183,7 @@ def layers(cfg, params, n_remove: int, importance: str = 'l2', grads=None):
   kept = _keep_top(np.array(scores), cfg.n_layers - n_remove)
   out = {k: v for k, v in params.items() if k not in names}
   for i, old in enumerate(kept):
-    out[f'blocks_{i}'] = params[names[old]]
+    out[block_name(i)] = params[names[old]]
   return cfg.replace(n_layers=len(kept)), out, kept
 
 
@@ -181,17 +194,12 @@ def experts(cfg, params, fraction: float, importance: str = 'l2', grads=None):
   n_keep = cfg.n_experts - int(round(cfg.n_experts * fraction))
   params = jax_tree_copy(params)
   keep = {}
-  for layer in _layers(params):
-    mlp = params[layer]['mlp']
-    if 'router' not in mlp:
+  for block, found in _block_params(cfg, params, axes.EXPERT):
+    if not found:   # a dense layer of a model with MoE every n-th layer
       continue
-    g = None if grads is None else grads[layer]['mlp']
-    names = [n for n in ('up', 'gate', 'down') if n in mlp]
-    idx = _keep_top(_score([(mlp[n], g and g[n], 0) for n in names], importance), n_keep)
-    for n in names:
-      mlp[n] = mlp[n][idx]
-    mlp['router']['kernel'] = mlp['router']['kernel'][:, idx]
-    keep[layer] = idx
+    idx = _keep_top(_unit_scores(cfg, params, grads, block, found, importance), n_keep)
+    _take_units(params, block, found, idx)
+    keep[block] = idx
   return cfg.replace(n_experts=n_keep), params, keep
 
 
@@ -200,20 +208,20 @@ def jax_tree_copy(params):
   return {k: jax_tree_copy(v) if isinstance(v, dict) else v for k, v in params.items()}
 
 
-def mask_of(kind: str, cfg, params, keep: dict, n_heads_before: Optional[int] = None):
-  """The masked full model equal to a structural removal: removed units' weights zeroed."""
+def mask_of(kind: str, cfg, params, keep: dict):
+  """The masked full model equal to a structural removal: every parameter entry of a removed
+  unit zeroed (FFN neurons or attention heads)."""
+  if kind not in ('ffn', 'heads'):
+    raise ValueError(f'no masked equivalent for {kind!r}')
+  axis = axes.MLP if kind == 'ffn' else axes.HEADS
   params = jax_tree_copy(params)
-  for layer, idx in keep.items():
-    if kind == 'ffn':
-      mlp = params[layer]['mlp']
-      m = np.zeros(mlp['down']['kernel'].shape[0], bool)
-      m[idx] = True
-      mlp['down']['kernel'] = jnp.where(m[:, None], mlp['down']['kernel'], 0)
-    elif kind == 'heads':
-      out = params[layer]['attn']['out']
-      m = np.zeros(out['kernel'].shape[0], bool)
-      m[idx] = True
-      out['kernel'] = jnp.where(m[:, None, None], out['kernel'], 0)
-    else:
-      raise ValueError(f'no masked equivalent for {kind!r}')
+  for block, found in _block_params(cfg, params, axis):
+    flat = paths.flatten(params[block])
+    for p, (_, dim) in found.items():
+      kept = np.zeros(flat[p].shape[dim], bool)
+      kept[keep[block]] = True
+      shape = [1] * flat[p].ndim
+      shape[dim] = -1
+      flat[p] = jnp.where(kept.reshape(shape), flat[p], 0)
+    params[block] = paths.unflatten(flat)
   return params

@@ -1,7 +1,8 @@
 """Calibrated pruning (Wanda, SparseGPT) in JAX against the float64 NumPy references.
 
 `test_reference_*` check the references themselves (brute-force loops, a transcription in
-PyTorch's layout, closed-form special cases); the other tests hold `compression.calibrated` to them.
+PyTorch's layout, closed-form special cases); the other tests hold the library to them, MoE
+experts included (each expert against the reference given the tokens routed to it).
 
 Exact mask equality between float32 (JAX) and float64 (NumPy) is only meaningful away from ties:
 a score within float32 rounding of the threshold may land on either side, and in SparseGPT one
@@ -11,11 +12,14 @@ references) is asserted to be far above float32 rounding (~1e-7 for Wanda's scor
 SparseGPT's updated weights); on such data the masks must agree on every entry.
 """
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests import pruning_reference as ref
+from tests.conftest import init_params, lm_batches
 
 N_TOKENS = 512
 SEED = 4  # Chosen so that every configuration below is well clear of ties (margins asserted).
@@ -27,9 +31,14 @@ SPARSEGPT_CASES = [(0.5, None), (0.5, (2, 4))]
 
 
 def calibrated():
-  # Imported per test so that the reference tests run before `compression.calibrated` exists.
-  from compression import calibrated as module
-  return module
+  """The library's per-matrix Wanda (the registry's score, compared per output) and SparseGPT."""
+  from compression import masks, pruning, sparsegpt
+
+  def wanda_mask(w, sq, sparsity, nm=None):
+    scores = pruning.wanda(w[None], pruning.Context(sq=jnp.asarray(sq)[None]))
+    return masks.from_matrices(scores, sparsity, masks.NM.of(nm), 'output')[0]
+
+  return types.SimpleNamespace(wanda_mask=wanda_mask, sparsegpt=sparsegpt.sparsegpt)
 
 
 def calibration(n_in, seed=SEED, n_tokens=N_TOKENS, n_outliers=4, outlier_scale=10.0):
@@ -277,7 +286,7 @@ def test_reference_reconstruction_error_is_the_squared_frobenius_norm():
   assert ref.reconstruction_error(w, v, x) == np.sum((x @ w - x @ v) ** 2)
 
 
-# ---- compression.calibrated against the references. ----
+# ---- compression.pruning / compression.sparsegpt against the references. ----
 
 
 @pytest.mark.parametrize('sparsity,nm', WANDA_CASES)
@@ -340,3 +349,62 @@ def test_sparsegpt_zeroes_dead_inputs():
   new_w = np.asarray(new_w)
   assert np.isfinite(new_w).all()
   assert (new_w[[3, 40]] == 0).all()
+
+
+# ---- MoE experts: each expert pruned from the tokens routed to it. ----
+
+def moe_inputs(cfg, params, batches):
+  """Per batch: the MoE layer's input [tokens, D] (float64) and the real-token flags."""
+  import flax.linen as nn
+  from models import Transformer, moe
+
+  seen = []
+
+  def capture(method, args, kwargs, context):
+    if isinstance(context.module, moe.MoeMlp) and context.method_name == '__call__':
+      seen.append(np.asarray(args[0], np.float64).reshape(-1, cfg.d_model))
+    return method(*args, **kwargs)
+
+  with nn.intercept_methods(capture):
+    for b in batches:
+      Transformer(cfg).apply({'params': params}, b['inputs'], positions=b['positions'],
+                             segment_ids=b['segment_ids'])
+  return np.concatenate(seen), np.concatenate([b['segment_ids'].reshape(-1) > 0 for b in batches])
+
+
+@pytest.mark.parametrize('method', ['wanda', 'sparsegpt'])
+def test_wanda_and_sparsegpt_prune_every_expert_from_its_routed_tokens(method):
+  import jax
+  import compression
+  from models import ModelConfig, Transformer
+
+  # Capacity dispatch with a tight capacity: calibration still sees every routed token.
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=64, n_experts=4,
+                    experts_per_token=2, moe_d_ff=48, moe_dispatch='capacity',
+                    capacity_factor=1.0)
+  params = init_params(cfg, seed=3)
+  batches = lm_batches(64, 2, rows=4, length=24, padded_rows=1)   # padding is never counted
+  _, mask_tree = compression.prune(params, method, 0.5, include=r'mlp/(up|gate|down)$',
+                                   model=Transformer(cfg), batches=batches)
+  pruned, _ = compression.prune(params, method, 0.5, include=r'mlp/(up|gate|down)$',
+                                model=Transformer(cfg), batches=batches)
+
+  x, real = moe_inputs(cfg, params, batches)
+  mlp = jax.tree.map(lambda a: np.asarray(a, np.float64), params['blocks_0']['mlp'])
+  logits = x @ mlp['router']['kernel']
+  chosen = np.argsort(-logits, axis=1, kind='stable')[:, :cfg.experts_per_token]
+  for e in range(cfg.n_experts):
+    rows = x[(chosen == e).any(axis=1) & real]
+    assert len(rows) > 20
+    silu = lambda z: z / (1 + np.exp(-z))
+    hidden = silu(rows @ mlp['gate'][e]) * (rows @ mlp['up'][e])
+    for name, inputs in (('up', rows), ('gate', rows), ('down', hidden)):
+      w = mlp[name][e]
+      keep = np.asarray(mask_tree['blocks_0']['mlp'][name][e])
+      if method == 'wanda':
+        np.testing.assert_array_equal(keep, ref.wanda_mask(w, inputs, 0.5), err_msg=name)
+      else:
+        want_w, want_keep = ref.sparsegpt(w, inputs, 0.5)
+        np.testing.assert_array_equal(keep, want_keep, err_msg=name)
+        np.testing.assert_allclose(np.asarray(pruned['blocks_0']['mlp'][name][e]), want_w,
+                                   rtol=1e-3, atol=1e-4, err_msg=name)

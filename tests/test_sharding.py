@@ -20,6 +20,7 @@ from models import ModelConfig, Transformer, axes
 
 CFG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
 MODEL = Transformer(CFG)
+LOSS = steps.lm_loss(MODEL)
 TX = optax.adamw(1e-2, weight_decay=0.1)
 ROWS, SEQ = 8, 16
 TOKEN_BYTES = np.ones((CFG.vocab_size,), np.float32)
@@ -44,7 +45,7 @@ def make_batch(seed, rows=ROWS):
 
 
 def mean_loss(params, batch):
-  total, sums = steps.loss_sums(params, MODEL, batch, 0.0)
+  total, sums = LOSS(params, batch)
   return total / sums['tokens']
 
 
@@ -77,8 +78,8 @@ def reference():
   loss, grads = jax.jit(jax.value_and_grad(mean_loss))(state.params, make_batch(0))
   losses = []
   for seed in (0, 1):
-    state, metrics = steps.train_step(state, make_batch(seed), TOKEN_BYTES, model=MODEL,
-                                      accum_steps=1, z_loss=0.0)
+    state, metrics = steps.train_step(state, make_batch(seed), TOKEN_BYTES, loss=LOSS,
+                                      accum_steps=1)
     losses.append(float(metrics['loss']))
   return dict(params=params, loss=float(loss), grads=jax.device_get(grads), losses=losses)
 
@@ -129,7 +130,7 @@ def test_one_step_matches_one_device_and_follows_the_rules(name, reference):
   batch_sh, repl = sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)
   grad_fn = jax.jit(jax.value_and_grad(mean_loss), in_shardings=(state_sh.params, batch_sh),
                     out_shardings=(repl, state_sh.params))
-  step = jax.jit(functools.partial(steps.train_step, model=MODEL, accum_steps=1, z_loss=0.0),
+  step = jax.jit(functools.partial(steps.train_step, loss=LOSS, accum_steps=1),
                  in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                  donate_argnums=0)
   token_bytes = jax.device_put(TOKEN_BYTES, repl)
