@@ -1,6 +1,7 @@
-"""Training throughput and memory: `python -m experiments.benchmark --config=...gpt2.py:124m`.
+"""Training throughput and memory: `python -m experiments.main --mode=benchmark --config=...`.
 
-Times the train step, jitted on the config's mesh exactly as in training, on synthetic batches
+(`python -m experiments.benchmark --config=...gpt2.py:124m` is the same command.) Times the
+train step, jitted on the config's mesh exactly as in training, on synthetic batches
 of the config's shape (no data pipeline), and prints step time, tokens/s, model TFLOP/s (see
 `models/flops.py`; MoE models count active parameters), MFU against the device's bf16
 peak where known, and memory per device: the start-up estimate, XLA's figure for the compiled
@@ -14,22 +15,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 import sharding
-from experiments import cli, memory, runtime, steps, validate
+from experiments import memory, runtime, steps, validate
 from experiments.errors import UserError
 from models import Transformer, flops
 from models.transformer import REMAT_POLICIES
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after one compile + warmup step).')
-_VOCAB = flags.DEFINE_integer('vocab_size', 0, 'Vocabulary (0: 259 bytes, or data.vocab_size '
-                              'for SentencePiece).')
-_REMAT = flags.DEFINE_list('remat', [], 'Remat policies to compare (default: the config\'s); '
-                           f'any of {", ".join(["none", *REMAT_POLICIES])}.')
-flags.mark_flags_as_required(['config'])
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -104,22 +95,18 @@ def report(config, r: Result) -> str:
           f'{fmt(r.peak_bytes)}')
 
 
-@cli.guarded
-def main(argv):
-  cli.quiet_libraries()
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments {argv[1:]}')
-  config = _CONFIG.value
-  cli.check_is_config(config, flags.FLAGS['config'].config_filename)
+def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
+  """Validates, then benchmarks `config` once per remat policy (default: the config's), printing
+  a header and one line per policy as it goes; returns the `Result`s."""
   validate.check_kind(config, 'benchmark')
   validate.check_fields(config)
   validate.check_mesh(config)
-  if _STEPS.value <= 0:
-    raise UserError(f'--steps={_STEPS.value} must be a positive integer')
-  if _VOCAB.value < 0:
-    raise UserError(f'--vocab_size={_VOCAB.value} must be >= 0 (0: from the config)')
-  vocab = _VOCAB.value or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
-  policies = _REMAT.value or [config.model.remat]
+  if n_steps <= 0:
+    raise UserError(f'--steps={n_steps} must be a positive integer')
+  if vocab_size < 0:
+    raise UserError(f'--vocab_size={vocab_size} must be >= 0 (0: from the config)')
+  vocab = vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
+  policies = list(remat) or [config.model.remat]
   for policy in policies:
     if policy != 'none' and policy not in REMAT_POLICIES:
       raise UserError(f'--remat: {policy!r} is not one of none, {", ".join(REMAT_POLICIES)}')
@@ -128,12 +115,15 @@ def main(argv):
         f'{" ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"} | rules '
         f'{config.sharding_rules} | batch {config.batch_size} x {config.data.seq_len} | '
         f'{config.model.dtype} | scan_layers {config.model.scan_layers}')
+  results = []
   for policy in policies:
     with config.unlocked():
       config.model.remat = policy
-    r = benchmark(config, _STEPS.value, vocab)
-    print(report(config, r), flush=True)
+    results.append(benchmark(config, n_steps, vocab))
+    print(report(config, results[-1]), flush=True)
+  return results
 
 
-if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+if __name__ == '__main__':   # the benchmark runner of experiments/main.py under its old name
+  from experiments import main as entry
+  entry.start(mode='benchmark')

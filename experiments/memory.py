@@ -74,7 +74,7 @@ def _residual_bytes(model: Transformer, params, rows: int, seq_len: int) -> int:
   i32 = jax.ShapeDtypeStruct((rows, seq_len), jnp.int32)
   batch = dict(inputs=i32, targets=i32, positions=i32, segment_ids=i32,
                weights=jax.ShapeDtypeStruct((rows, seq_len), jnp.float32))
-  loss = lambda p, b: steps.loss_sums(p, model, b, 0.0)[0]
+  loss = lambda p, b: steps.lm_loss(model)(p, b)[0]
   return sum(math.prod(aval.shape) * aval.dtype.itemsize
              for aval, origin in saved_residuals(loss, params, batch)
              if not origin.startswith('from the argument'))

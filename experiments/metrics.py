@@ -171,3 +171,31 @@ class StepMonitor:
     self.writer.write(step, dict(self._scalars(step, m), tokens_per_second=tokens_per_s,
                                  skipped_steps=self.skipped))
     logging.info(self.progress.line(step, float(m['loss']), tokens_per_s))
+
+
+def moe_scalars(metrics) -> dict:
+  """Router statistics of an MoE step as scalars ({} for a dense model)."""
+  if 'expert_load' not in metrics:
+    return {}
+  out = dict(moe_aux_loss=metrics['moe_aux_loss'], moe_z_loss=metrics['moe_z_loss'],
+             router_entropy=metrics['router_entropy'], dropped_fraction=metrics['dropped'])
+  out.update({f'expert_load/{e}': v for e, v in enumerate(metrics['expert_load'])})
+  return out
+
+
+def report_expert_load(m, writer: MetricWriter, step: int) -> None:
+  """Logs and writes (TensorBoard text) an MoE step's per-layer expert load."""
+  if m is not None and 'expert_load' in m:
+    report = expert_load_report(m['expert_load_per_layer'])
+    logging.info('expert load at step %d (share of routed tokens):\n%s', step, report)
+    writer.write_text(step, 'expert_load', report)
+
+
+def expert_load_report(load_per_layer) -> str:
+  """One line per MoE layer: each expert's share of the routed tokens, with a bar."""
+  lines = []
+  for layer, load in enumerate(load_per_layer):
+    cells = ' '.join(f'{100 * x:5.1f}%' for x in load)
+    bars = ''.join(' ▁▂▃▄▅▆▇█'[min(8, int(x * len(load) * 4))] for x in load)
+    lines.append(f'layer {layer}: {cells}  {bars}')
+  return '\n'.join(lines)

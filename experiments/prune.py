@@ -8,6 +8,11 @@ fine-tuning between them), evaluates it, optionally fine-tunes it with the mask 
 smaller model, for structural variants) and evaluates again, timing the forward pass. Writes
 results.json and results.md into the workdir.
 
+Fine-tunes are training runs (`experiments/finetune.py`) on the config's mesh, each in its own
+workdir `<workdir>/finetune/<variant>/` (`<variant>-round<r>` between rounds) with checkpoints
+and metrics.jsonl: running the command again continues an interrupted fine-tune and skips a
+complete one.
+
 Variant specs (comma-separated in `config.variants`):
   magnitude:0.5  wanda:0.5  sparsegpt:0.7  random:0.5  saliency:0.5   unstructured, per layer
   magnitude_global:0.5                                               one ranking over all
@@ -19,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -30,10 +36,10 @@ from etils import epath
 
 import compression
 from compression import structural
-from experiments import data, runtime, steps, validate
+from experiments import data, finetune, runtime, steps, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
-from models import Transformer, hf, unstack_layers
+from models import Transformer, hf, layouts, unstack_layers
 
 STRUCTURAL = structural.KINDS
 
@@ -45,7 +51,7 @@ def parse_variant(spec: str) -> dict:
   scope = 'layer'
   if name.endswith('_global'):
     name, scope = name[:-len('_global')], 'global'
-  known = compression.METHODS + STRUCTURAL
+  known = tuple(compression.METHODS) + STRUCTURAL
   if name not in known:
     raise UserError(f'variant {spec!r}: unknown method {name!r}; known: {", ".join(known)}')
   try:
@@ -108,6 +114,7 @@ def check(config, workdir):
   src = source_config(config.source_workdir)
   validate.check_kind(src, 'train')
   validate.check_fields(src)
+  validate.check_mesh(on_mesh(config, src))
   data.check_available(src.data)
   if config.get('hf_path'):
     try:
@@ -126,7 +133,7 @@ def check(config, workdir):
         structural.check(v['kind'], cfg, v['amount'], config.importance)
       else:
         compression.pruning.check(shapes, v['method'], v['sparsity'], nm=v['nm'],
-                                  scope=v['scope'])
+                                  scope=v['scope'], layouts=layouts.of_config(cfg))
     except ValueError as e:
       raise UserError(f'variant {v["spec"]!r}: {e}') from None
   workdir = epath.Path(workdir)
@@ -136,7 +143,20 @@ def check(config, workdir):
     raise UserError(f'--workdir={workdir} is the source run: pruning writes its results '
                     f'elsewhere and never touches the source')
   validate.check_writable(workdir)
-  return src, variants
+  return on_mesh(config, src), variants
+
+
+def on_mesh(config, src) -> ml_collections.ConfigDict:
+  """The source run's config with this runner's mesh and rules (unset ones: the source's)."""
+  out = ml_collections.ConfigDict(src.to_dict())
+  for name, size in config.mesh.items():
+    if name == 'dcn':
+      out.mesh.dcn.update({k: v for k, v in size.items() if v is not None})
+    elif size is not None:
+      out.mesh[name] = size
+  if config.sharding_rules:
+    out.sharding_rules = config.sharding_rules
+  return out
 
 
 def _batches(config, src, tokenizer, n: int, seed: int):
@@ -156,20 +176,20 @@ def forward_ms(model, params, batch, repeats: int = 5) -> float:
   return 1e3 * float(np.median(times))
 
 
-def _finetune(config, src, model, params, tokenizer, mask_tree, n_steps: int):
-  """A short fine-tune of `params` (masked weights held at exactly 0); returns the params."""
-  opt = ml_collections.ConfigDict(src.optimizer.to_dict())
-  opt.update(learning_rate=config.finetune_learning_rate, warmup_steps=min(10, n_steps))
-  tx = steps.make_optimizer(opt, n_steps)
-  if mask_tree is not None:
-    tx = compression.schedules.frozen(tx, mask_tree)
-  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  it = data.train_iterator(src.data, tokenizer, batch_size=src.batch_size, seed=config.seed + 1)
-  token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
-  for _ in range(n_steps):
-    state, _ = steps.train_step(state, jax.tree.map(jnp.asarray, next(it)), token_bytes,
-                                model=model, accum_steps=1, z_loss=0.0)
-  return state.params
+def _finetune(config, src, workdir, name: str, model, params, masks, n_steps: int,
+              origin: dict):
+  """Fine-tunes `params` (masked weights held at exactly 0) through the training loop in
+  `workdir/finetune/name`; returns (its final eval metrics, its config, its workdir)."""
+  sub_config = finetune.derived_config(
+      src, model.config, num_steps=n_steps, learning_rate=config.finetune_learning_rate,
+      seed=config.seed + 1, origin=origin)
+  sub = epath.Path(workdir) / 'finetune' / name
+  return finetune.run(sub_config, sub, params, masks, config.source_workdir), sub_config, sub
+
+
+def slug(spec: str) -> str:
+  """A variant spec as a folder name: 'wanda:2:4' -> 'wanda-2-4'."""
+  return re.sub(r'[^A-Za-z0-9_.]+', '-', spec.strip()).strip('-')
 
 
 def _evaluate(src, model, params, tokenizer) -> float:
@@ -190,7 +210,7 @@ def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2
     return Transformer(new_cfg), new_params, None
   pruned, mask_tree = compression.prune(
       params, v['method'], v['sparsity'], nm=v['nm'], scope=v['scope'], model=model,
-      batches=calib, loss_fn=lambda p, m, b: steps.loss_sums(p, m, b, 0.0)[0] / jnp.maximum(
+      batches=calib, loss_fn=lambda p, m, b: steps.lm_loss(m)(p, b)[0] / jnp.maximum(
           jnp.sum(b['weights']), 1.0))
   return model, pruned, mask_tree
 
@@ -226,7 +246,12 @@ def _run(config, workdir, src, variants) -> list:
                **_report(model, params, src.data.seq_len))]
   logging.info('dense: %s', rows[0])
   grads_fn = lambda: compression.calibration.gradients(
-      model, params, calib, lambda p, m, b: steps.loss_sums(p, m, b, 0.0)[0])
+      model, params, calib, lambda p, m, b: steps.lm_loss(m)(p, b)[0])
+  origin = dict(runner='prune', source_workdir=os.path.abspath(str(config.source_workdir)),
+                source_step=step, hf_path=config.get('hf_path') or '',
+                calibration_batches=config.calibration_batches,
+                calibration_rows=config.calibration_rows, importance=config.importance,
+                rounds=config.rounds, seed=config.seed)
   for v in variants:
     t0 = time.perf_counter()
     start = params
@@ -236,8 +261,10 @@ def _run(config, workdir, src, variants) -> list:
       for r in range(1, config.rounds):
         step_v = dict(v, sparsity=1 - (1 - v['sparsity']) ** (r / config.rounds))
         _, start, mask_tree = apply_variant(step_v, model, start, calib, grads_fn)
-        start = _finetune(config, src, model, start, tokenizer, mask_tree,
-                          config.finetune_steps or 50)
+        _, sub_config, sub = _finetune(config, src, workdir, f'{slug(v["spec"])}-round{r}',
+                                       model, start, mask_tree, config.finetune_steps or 50,
+                                       dict(origin, variant=v['spec'], stage=f'round {r}'))
+        start = finetune.trained_params(sub_config, sub)
     new_model, new_params, mask_tree = apply_variant(v, model, start, calib, grads_fn,
                                                      config.importance)
     row = dict(variant=v['spec'], prune_s=time.perf_counter() - t0, params=_count(new_params),
@@ -246,9 +273,10 @@ def _run(config, workdir, src, variants) -> list:
                forward_ms=forward_ms(new_model, new_params, timing_batch),
                **_report(new_model, new_params, src.data.seq_len))
     if config.finetune_steps:
-      tuned = _finetune(config, src, new_model, new_params, tokenizer, mask_tree,
-                        config.finetune_steps)
-      row['finetuned_nats_per_byte'] = _evaluate(src, new_model, tuned, tokenizer)
+      tuned, _, _ = _finetune(config, src, workdir, slug(v['spec']), new_model, new_params,
+                              mask_tree, config.finetune_steps,
+                              dict(origin, variant=v['spec'], stage='final'))
+      row['finetuned_nats_per_byte'] = tuned['nats_per_byte']
     logging.info('%s: %s', v['spec'], row)
     rows.append(row)
   _write(workdir, config, rows)

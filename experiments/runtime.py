@@ -1,5 +1,6 @@
-"""Shared runtime of every mode and runner: setup, placement on the mesh, loading a run,
-evaluating parameters and sampling. `evaluate` and `sample` are the read-only modes.
+"""Shared runtime of every runner (experiments/runners.py): setup, placement on the mesh,
+loading a run, evaluating parameters and sampling. `evaluate` and `sample` are the read-only
+runners' library functions.
 """
 
 import functools
@@ -35,7 +36,11 @@ def setup(config, workdir=None):
   sharding.assert_same('the tokenizer', getattr(tokenizer, 'model_proto', b'') +
                        tokenizer.token_bytes.tobytes())
   model = Transformer(steps.model_config(config, tokenizer.vocab_size))
-  tx = steps.make_optimizer(config.optimizer, config.num_train_steps, config.get('pruning'))
+  if model.config.vocab_size < tokenizer.vocab_size:
+    raise UserError(f'config.model.vocab_size={model.config.vocab_size} is smaller than the '
+                    f'{tokenizer.vocab_size} ids of the tokenizer')
+  tx = steps.make_optimizer(config.optimizer, config.num_train_steps, config.get('pruning'),
+                            model.config)
   return tokenizer, model, tx
 
 
@@ -58,21 +63,27 @@ def tokenizer_sha256(tokenizer):
 
 
 class Placement:
-  """The mesh, the rules, and the jitted steps with their input/output shardings."""
+  """The mesh, the rules, and the jitted steps with their input/output shardings.
 
-  def __init__(self, config, model, tx):
+  `loss` is the training loss (default: `steps.lm_loss` with the config's z-loss); evaluation
+  always measures the model's own language-model loss.
+  """
+
+  def __init__(self, config, model, tx, loss=None):
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules_for(config.sharding_rules)
+    self.model, self.tx = model, tx
+    self.loss = loss if loss is not None else steps.lm_loss(model, config.optimizer.z_loss)
     self.init = steps.state_init_fn(model, tx, config.data.seq_len)
     self.rng = jax.random.key(config.seed)
     self.abstract = sharding.sharded_abstract(self.init, self.mesh, self.rules, self.rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.abstract)
     batch_sh, repl = sharding.batch_sharding(self.mesh, self.rules), sharding.replicated(self.mesh)
     self.train_step = jax.jit(
-        functools.partial(steps.train_step, model=model, accum_steps=config.grad_accum_steps,
-                          z_loss=config.optimizer.z_loss, seed=config.seed),
+        functools.partial(steps.train_step, loss=self.loss, accum_steps=config.grad_accum_steps,
+                          seed=config.seed),
         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+    self.eval_step = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
     self.replicated, self._batch_sharding = repl, batch_sh
     self._rows, self._seq_len = config.batch_size, config.data.seq_len
@@ -86,6 +97,17 @@ class Placement:
     token_bytes = jax.ShapeDtypeStruct((vocab_size,), jnp.float32, sharding=self.replicated)
     with self.rules_scope():
       return self.train_step.lower(self.abstract, batch, token_bytes).compile()
+
+  def place_params(self, params):
+    """A parameter tree (host or device arrays) laid out on the mesh like `abstract.params`."""
+    problems = checkpoints.layout_differences(params, self.abstract.params)
+    if problems:
+      raise UserError(f'the parameters do not fit config.model: {"; ".join(problems[:3])}')
+
+    def put(x, a):
+      x = np.asarray(jax.device_get(x))
+      return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index])
+    return jax.tree.map(put, params, self.abstract.params)
 
   def batch(self, local_batch):
     """This host's rows -> one global batch laid out over the mesh."""

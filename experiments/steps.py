@@ -1,5 +1,12 @@
-"""Pure training and evaluation steps: model, optimizer, loss, `train_step`, `eval_step`."""
+"""Pure training and evaluation steps: model, optimizer, loss, `train_step`, `eval_step`.
 
+The loss is injected (a loss factory, as in nanodo): `train_step(state, batch, token_bytes,
+loss=...)` only calls the loss it is handed. `lm_loss(model, z_loss)` is the language-model loss;
+distillation or quantization-aware training plug in as other factories returning a hashable
+`loss(params, batch, rng) -> (summed total, sums)`, not as new steps.
+"""
+
+import dataclasses
 import functools
 import math
 
@@ -11,17 +18,19 @@ from flax import traverse_util
 from flax.training import train_state
 
 from compression import schedules
-from models import ModelConfig, Transformer, moe
-
-MOE_METRICS = ('moe_aux_loss', 'moe_z_loss', 'router_entropy', 'dropped', 'expert_load',
-               'expert_load_per_layer')
+from models import ModelConfig, Transformer, layouts, moe
 
 TrainState = train_state.TrainState
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:
-  """The `ModelConfig` named by `config.model`, with the tokenizer's vocabulary size."""
-  return ModelConfig(**dict(config.model.to_dict(), vocab_size=vocab_size))
+  """The `ModelConfig` named by `config.model`, with the tokenizer's vocabulary size.
+
+  A run derived from another model (e.g. a Hugging Face checkpoint whose embedding table is
+  padded past the tokenizer's ids) sets `config.model.vocab_size`, which then wins.
+  """
+  fields = config.model.to_dict()
+  return ModelConfig(**dict(fields, vocab_size=fields.get('vocab_size') or vocab_size))
 
 
 def learning_rate_schedule(opt, num_steps: int):
@@ -43,8 +52,10 @@ def decay_mask(params):
   return traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
 
 
-def make_optimizer(opt, num_steps: int, pruning=None) -> optax.GradientTransformation:
-  """AdamW with clipping; with `pruning.final_sparsity > 0`, gradual magnitude pruning on top."""
+def make_optimizer(opt, num_steps: int, pruning=None,
+                   model_config=None) -> optax.GradientTransformation:
+  """AdamW with clipping; with `pruning.final_sparsity > 0`, gradual magnitude pruning on top
+  (of the matmul weights of `model_config`)."""
   tx = optax.chain(
       optax.clip_by_global_norm(opt.grad_clip),
       optax.adamw(learning_rate_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
@@ -52,7 +63,8 @@ def make_optimizer(opt, num_steps: int, pruning=None) -> optax.GradientTransform
   if pruning is not None and pruning.final_sparsity > 0:
     tx = schedules.gradual(tx, pruning.final_sparsity, pruning.start_step,
                            pruning.end_step or num_steps, pruning.every,
-                           include=pruning.include or None)
+                           include=pruning.include or None,
+                           layouts=layouts.of_config(model_config))
   return tx
 
 
@@ -77,60 +89,70 @@ def token_losses(logits_BxLxV, targets_BxL, z_loss: float):
   return ce_BxL, z_loss * jnp.square(lse_BxL)
 
 
-def loss_sums(params, model, batch, z_loss: float, rng=None):
-  """Summed (not averaged) losses, so microbatches combine exactly into one large batch.
+@dataclasses.dataclass(frozen=True)
+class LmLoss:
+  """Next-token cross-entropy, `z_loss` * logsumexp^2 and the MoE router losses of `model`.
 
-  MoE models add their router losses (`router_aux_weight`, `router_z_weight`, per token) and
-  report router statistics, token-weighted like the losses: moe_aux_loss, moe_z_loss,
-  router_entropy, dropped (fraction of assignments), expert_load [E], expert_load_per_layer.
-  `rng` drives router jitter where the model has it.
+  `loss(params, batch, rng) -> (total, sums)`: summed over tokens (not averaged), so
+  microbatches combine exactly into one large batch. `sums` holds 'ce', 'z' and 'tokens', and
+  for MoE models the router statistics of `moe.METRICS`, token-weighted like the losses. The
+  router losses (`moe.router_loss`) count once per token in `total`. `rng` drives router jitter
+  where the model has it (None: no jitter). Frozen and hashable: a static argument of jit.
   """
-  cfg = model.config
-  inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
-  stats = {}
-  if cfg.n_experts:
-    rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
-    logits, state = model.apply({'params': params}, batch['inputs'], mutable=['moe'], rngs=rngs,
-                                **inputs)
-    stats = moe.summarize(state['moe'])
-  else:
-    logits = model.apply({'params': params}, batch['inputs'], **inputs)
-  ce, z = token_losses(logits, batch['targets'], z_loss)
-  w = batch['weights']
-  tokens = jnp.sum(w)
-  total = jnp.sum((ce + z) * w)
-  sums = dict(ce=jnp.sum(ce * w), z=jnp.sum(z * w), tokens=tokens)
-  if stats:
-    total += tokens * (cfg.router_aux_weight * stats['aux_loss'] +
-                       cfg.router_z_weight * stats['z_loss'])
-    sums.update(moe_aux_loss=stats['aux_loss'], moe_z_loss=stats['z_loss'],
-                router_entropy=stats['entropy'], dropped=stats['dropped'],
-                expert_load=stats['load'], expert_load_per_layer=stats['load_per_layer'])
-    sums.update({k: tokens * v for k, v in sums.items() if k not in ('ce', 'z', 'tokens')})
-  return total, sums
+  model: Transformer
+  z_loss: float = 0.0
+
+  def __call__(self, params, batch, rng=None):
+    cfg = self.model.config
+    inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
+    router, metrics = 0.0, {}
+    if cfg.n_experts:
+      rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
+      logits, state = self.model.apply({'params': params}, batch['inputs'], mutable=['moe'],
+                                       rngs=rngs, **inputs)
+      router, metrics = moe.router_loss(state['moe'], cfg)
+    else:
+      logits = self.model.apply({'params': params}, batch['inputs'], **inputs)
+    ce, z = token_losses(logits, batch['targets'], self.z_loss)
+    w = batch['weights']
+    tokens = jnp.sum(w)
+    total = jnp.sum((ce + z) * w)
+    sums = dict(ce=jnp.sum(ce * w), z=jnp.sum(z * w), tokens=tokens)
+    if metrics:
+      total += tokens * router
+      sums.update({k: tokens * v for k, v in metrics.items()})
+    return total, sums
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'accum_steps', 'z_loss', 'seed'),
-                   donate_argnums=0)
-def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int, z_loss: float,
-               seed: int = 0):
-  """One optimizer step on `batch`, split into `accum_steps` microbatches whose grads are summed."""
+def lm_loss(model: Transformer, z_loss: float = 0.0) -> LmLoss:
+  """The language-model loss factory: the default loss of `train_step` and `eval_step`."""
+  return LmLoss(model, float(z_loss))
+
+
+@functools.partial(jax.jit, static_argnames=('loss', 'accum_steps', 'seed'), donate_argnums=0)
+def train_step(state: TrainState, batch, token_bytes, *, loss, accum_steps: int, seed: int = 0):
+  """One optimizer step on `batch`, split into `accum_steps` microbatches whose grads are summed.
+
+  `loss(params, batch, rng) -> (total, sums)` is summed over tokens (see `LmLoss`): `sums`
+  holds 'tokens' (the normaliser), 'ce' (reported as `loss` and `bits_per_byte`) and any other
+  terms, each reported divided by the tokens ('z' as `z_loss`).
+  """
   # Microbatch i takes rows i, i + accum, ...: every microbatch draws from every device's shard
   # of the batch, so accumulation needs no data movement.
   micro = jax.tree.map(
       lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
-  grad_fn = jax.grad(loss_sums, has_aux=True)
+  grad_fn = jax.grad(loss, has_aux=True)
   step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def accumulate(carry, mb_and_index):
     mb, i = mb_and_index
     grads, sums = carry
-    g, s = grad_fn(state.params, model, mb, z_loss, jax.random.fold_in(step_rng, i))
+    g, s = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
     s['bytes'] = jnp.sum(token_bytes[mb['targets']] * mb['weights'])
     return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda: grad_fn(state.params, model, first, z_loss, step_rng)[1])
+  shapes = jax.eval_shape(lambda: grad_fn(state.params, first, step_rng)[1])
   zero_sums = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), bytes=0.0)
   zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
   (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
@@ -140,21 +162,27 @@ def train_step(state: TrainState, batch, token_bytes, *, model, accum_steps: int
   # A step whose loss or gradients are not finite is not applied: parameters and optimizer
   # state stay as they were (only the step count advances), so no NaN ever reaches them. The
   # flag travels with the metrics; the host decides whether to go on (train.py).
-  finite = jnp.isfinite(sums['ce'] + sums['z']) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(grad_norm)
+  for v in jax.tree.leaves(sums):
+    finite &= jnp.all(jnp.isfinite(v))
   updated = state.apply_gradients(grads=grads)
   state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state).replace(
       step=updated.step)
-  metrics = dict(loss=sums['ce'] / n, z_loss=sums['z'] / n, grad_norm=grad_norm,
+  metrics = dict(loss=sums['ce'] / n, grad_norm=grad_norm,
                  bits_per_byte=sums['ce'] / math.log(2) / jnp.maximum(sums['bytes'], 1.0),
                  tokens=sums['tokens'], finite=finite)
-  metrics.update({k: v / n for k, v in sums.items() if k in MOE_METRICS})
+  metrics.update({_METRIC_NAMES.get(k, k): v / n for k, v in sums.items()
+                  if k not in ('ce', 'tokens', 'bytes')})
   return state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=('model',))
-def eval_step(params, batch, token_bytes, *, model):
-  """Summed cross-entropy, token and byte counts of one batch."""
-  _, sums = loss_sums(params, model, batch, 0.0)
+_METRIC_NAMES = dict(z='z_loss')   # how a summed term is named among the step's metrics
+
+
+@functools.partial(jax.jit, static_argnames=('loss',))
+def eval_step(params, batch, token_bytes, *, loss):
+  """Summed losses (`loss`'s sums: 'ce', 'tokens', ...) and the byte count of one batch."""
+  _, sums = loss(params, batch, None)
   sums['bytes'] = jnp.sum(token_bytes[batch['targets']] * batch['weights'])
   return sums
 

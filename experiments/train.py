@@ -2,7 +2,10 @@
 
 Reads top to bottom: checks, the workdir's lock, data, model and state, resume, then the loop
 (step, log, checkpoint, evaluate). Everything is importable, so a Colab can call these
-functions directly and gets the same run as the command line.
+functions directly and gets the same run as the command line. It is the one loop: runs derived
+from another model (a pruned model's fine-tune, `experiments/finetune.py`) pass their starting
+parameters, an optimizer wrapper (frozen masks) and a loss factory in, and the step
+(`steps.train_step`) is compiled once per run.
 
 What protects a run: `validate.check` rejects bad input before anything is written; the
 workdir lock keeps a second run out; a resume must match the run's signature
@@ -29,7 +32,7 @@ from experiments.errors import UserError
 from experiments.metrics import MetricWriter, Progress, StepMonitor
 from experiments.runtime import (Placement, evaluate_params, sample_texts, setup,
                                  tokenizer_sha256)
-from models import flops
+from models import flops, moe
 
 
 class StopRequest:
@@ -60,23 +63,28 @@ class StopRequest:
       signal.signal(sig, handler)
 
 
-def _start_state(ckpts, placement: Placement, signature, params_from):
+def _start_state(ckpts, placement: Placement, signature, params_from, params):
   """(step, state, data position): the newest checkpoint, or a fresh state (with the parameters
-  of `params_from`, a checkpoint folder, when given)."""
+  of `params_from`, a checkpoint folder, or `params`, a parameter tree, when given)."""
   restored = ckpts.restore_latest(placement.abstract, signature)
   if restored is not None:
     logging.info('resumed from the checkpoint at step %d', restored.step)
     return restored.step, restored.state, restored.data
-  if workdir_lib.damaged_steps(ckpts.directory.parent) and params_from is None:
+  given = params_from is not None or params is not None
+  if workdir_lib.damaged_steps(ckpts.directory.parent) and not given:
     raise workdir_lib.all_damaged(ckpts.directory.parent)   # never quietly start over
-  state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
+  if not given:
+    return 0, sharding.create_sharded(placement.init, placement.mesh, placement.rules,
+                                      placement.rng), None
   if params_from is not None:
-    state_sh = jax.tree.map(lambda x: x.sharding, placement.abstract)
     params = checkpoints.restore_params(params_from, placement.abstract.params)
-    init_opt = jax.jit(state.tx.init, out_shardings=state_sh.opt_state)
-    state = state.replace(params=params, opt_state=init_opt(params))
-    logging.info('new run from the parameters of %s', params_from)
-  return 0, state, None
+  else:
+    params = placement.place_params(params)
+  state_sh = jax.tree.map(lambda x: x.sharding, placement.abstract)
+  create = jax.jit(lambda p: steps.TrainState.create(apply_fn=placement.model.apply, params=p,
+                                                     tx=placement.tx), out_shardings=state_sh)
+  logging.info('new run from the parameters of %s', params_from or 'the caller')
+  return 0, create(params), None
 
 
 def _set_aside_previous_run(workdir, resume: str):
@@ -100,19 +108,33 @@ def _set_aside_previous_run(workdir, resume: str):
   return source
 
 
-def train_and_evaluate(config, workdir, resume: str = 'auto') -> dict:
+def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
+                       wrap_optimizer=None, make_loss=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics.
 
   `resume`: 'auto' continues the workdir's run and refuses one of another configuration;
   'new' archives that run (workdir/archive/<n>/) and starts over; 'params' archives it and
   starts a new run (step 0, fresh optimizer) from its newest parameters. Raises `UserError`
   (one line) for bad input, a busy workdir or a run that stopped on non-finite values.
+
+  Runs derived from another model (a pruned one's fine-tune, later quantized or distilled ones)
+  go through this same loop, changed only by what is passed in:
+    params: a parameter tree of `config.model`'s shapes that a new run starts from (step 0,
+      fresh optimizer state); a workdir that holds a checkpoint resumes from it instead.
+    wrap_optimizer: `tx -> tx` around the config's optimizer, e.g. frozen pruning masks
+      (`compression.schedules.frozen`).
+    make_loss: `model -> loss` (see `steps.LmLoss`); default `steps.lm_loss(model, z_loss)`.
   """
   workdir = epath.Path(workdir)
+  if params is not None and resume == 'params':
+    raise ValueError('give either params or resume=\'params\', not both')
   validate.check(config, workdir, 'train', resume)
   with StopRequest() as stop, workdir_lib.claim(workdir):
     params_from = _set_aside_previous_run(workdir, resume)
     tokenizer, model, tx = setup(config, workdir)
+    if wrap_optimizer is not None:
+      tx = wrap_optimizer(tx)
+    loss = make_loss(model) if make_loss is not None else None   # None: the config's LM loss
     signature = workdir_lib.signature(config, tokenizer_sha256(tokenizer))
     saved = workdir_lib.saved_signature(workdir)
     if saved is not None and workdir_lib.checkpoint_steps(workdir):
@@ -123,7 +145,9 @@ def train_and_evaluate(config, workdir, resume: str = 'auto') -> dict:
     ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     failed = True
     try:
-      result = _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from)
+      placement = Placement(config, model, tx, loss)
+      start = _start_state(ckpts, placement, signature, params_from, params)
+      result = _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
       failed = False
     finally:   # every exit path, an exception included, finishes the write in flight
       ckpts.wait(raise_errors=not failed)
@@ -131,10 +155,10 @@ def train_and_evaluate(config, workdir, resume: str = 'auto') -> dict:
     return result
 
 
-def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params_from) -> dict:
+def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start) -> dict:
   lead = jax.process_index() == 0   # the one process that writes files
-  placement = Placement(config, model, tx)
-  step, state, data_state = _start_state(ckpts, placement, signature, params_from)
+  model = placement.model
+  step, state, data_state = start
   if lead:
     workdir_lib.record_config(workdir, config, step)
   total = config.num_train_steps
@@ -196,7 +220,7 @@ def _train(config, workdir, stop, tokenizer, model, tx, signature, ckpts, params
         continue
       host_metrics = monitor.flush(log=stop.requested)
       if step == total or stop.requested:
-        _report_expert_load(host_metrics, writer, step)
+        metrics_lib.report_expert_load(host_metrics, writer, step)
       if monitor.streak:
         logging.warning('no checkpoint or evaluation at step %d: its update was skipped', step)
         continue
@@ -223,39 +247,20 @@ def _record_run(workdir, signature, tokenizer) -> None:
     tmp.replace(copy)
 
 
+_STEP_METRICS = ('loss', 'bits_per_byte', 'grad_norm', 'z_loss', 'tokens', 'finite')
+
+
 def _scalars(config, step: int, m) -> dict:
-  """A log line's scalars from one step's host metrics."""
+  """A log line's scalars from one step's host metrics (an injected loss's own terms too)."""
   lr = steps.learning_rate_schedule(config.optimizer, config.num_train_steps)(step - 1)
-  return dict(train_loss=m['loss'], train_bits_per_byte=m['bits_per_byte'],
-              grad_norm=m['grad_norm'], z_loss=m['z_loss'], learning_rate=lr,
-              **_moe_scalars(m))
-
-
-def _report_expert_load(m, writer, step: int) -> None:
-  if m is not None and 'expert_load' in m:
-    report = expert_load_report(m['expert_load_per_layer'])
-    logging.info('expert load at step %d (share of routed tokens):\n%s', step, report)
-    writer.write_text(step, 'expert_load', report)
-
-
-def _moe_scalars(metrics) -> dict:
-  """Router statistics of an MoE step as scalars ({} for a dense model)."""
-  if 'expert_load' not in metrics:
-    return {}
-  out = dict(moe_aux_loss=metrics['moe_aux_loss'], moe_z_loss=metrics['moe_z_loss'],
-             router_entropy=metrics['router_entropy'], dropped_fraction=metrics['dropped'])
-  out.update({f'expert_load/{e}': v for e, v in enumerate(metrics['expert_load'])})
+  out = dict(train_loss=m['loss'], train_bits_per_byte=m['bits_per_byte'],
+             grad_norm=m['grad_norm'])
+  if 'z_loss' in m:
+    out['z_loss'] = m['z_loss']
+  out.update(learning_rate=lr, **metrics_lib.moe_scalars(m))
+  out.update({k: v for k, v in m.items()
+              if k not in _STEP_METRICS + moe.METRICS and np.ndim(v) == 0})
   return out
-
-
-def expert_load_report(load_per_layer) -> str:
-  """One line per MoE layer: each expert's share of the routed tokens, with a bar."""
-  lines = []
-  for layer, load in enumerate(load_per_layer):
-    cells = ' '.join(f'{100 * x:5.1f}%' for x in load)
-    bars = ''.join(' ▁▂▃▄▅▆▇█'[min(8, int(x * len(load) * 4))] for x in load)
-    lines.append(f'layer {layer}: {cells}  {bars}')
-  return '\n'.join(lines)
 
 
 def _compile_and_report(config, model, placement: Placement, vocab_size: int):

@@ -19,7 +19,7 @@ import sharding
 from experiments import data, steps
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
-from models import Transformer, axes
+from models import Transformer, axes, layouts
 
 POSITIVE = ('num_train_steps', 'batch_size', 'grad_accum_steps', 'eval_batch_size', 'log_every',
             'eval_every', 'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps')
@@ -138,7 +138,8 @@ def _check_pruning(config, model_cfg) -> None:
   shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
   try:
-    compression.paths.select(nn.meta.unbox(shapes), p.include or None)
+    compression.paths.select(nn.meta.unbox(shapes), layouts.of_config(model_cfg),
+                             p.include or None)
   except ValueError as e:
     _bad('pruning.include', p.include, f'selects nothing: {e}')
 

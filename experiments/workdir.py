@@ -71,11 +71,12 @@ def signature(config, tokenizer_sha256=None) -> dict:
   """What a run's checkpoints depend on; a resume must match it exactly.
 
   Changing anything else (steps, learning rate, evaluation or sampling settings, the mesh) is
-  allowed on resume.
+  allowed on resume. A run derived from another model records where its starting parameters
+  came from in `config.origin`, which is part of its signature.
   """
   d = config.data
   spm = d.tokenizer == 'sentencepiece'
-  return dict(
+  out = dict(
       model=config.model.to_dict(),
       tokenizer=dict(kind=d.tokenizer, vocab_size=d.vocab_size if spm else None,
                      spm_model_type=d.get('spm_model_type', 'unigram') if spm else None,
@@ -83,6 +84,9 @@ def signature(config, tokenizer_sha256=None) -> dict:
       data=dict(name=d.name, train_split=d.train_split, text_key=d.text_key, seq_len=d.seq_len,
                 shuffle_window=d.shuffle_window, batch_size=config.batch_size, seed=config.seed),
       state=dict(optimizer='adamw', gradual_pruning=bool(config.pruning.final_sparsity > 0)))
+  if config.get('origin'):   # a run started from another model's parameters (finetune.py)
+    out['origin'] = config.origin.to_dict()
+  return out
 
 
 def differences(old: dict, new: dict, prefix: str = '') -> list:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from experiments import train
+from experiments import runners, train
 from experiments import workdir as workdir_lib
 from tests.runs import ROOT, cli_env, tiny_config
 
@@ -108,7 +108,12 @@ CASES = [
         '--config.data.tokenizer=sentencepiece', '--config.data.spm_model_type=word'],
         "spm_model_type='word'"),
     # Flags, config files, modes.
-    case('flag-mode', TRAIN + ['--mode=bogus'], 'bogus'),
+    case('flag-mode', TRAIN + ['--mode=bogus'],
+         f'--mode=bogus: value should be one of <{"|".join(runners.RUNNERS)}>'),
+    case('flag-prompt-not-sample', TRAIN + ['--prompt=hi'],
+         '--prompt=hi applies to --mode=sample only'),
+    case('flag-steps-not-benchmark', TRAIN + ['--steps=3'],
+         '--steps=3 applies to --mode=benchmark only'),
     case('flag-no-workdir', TINY, 'workdir'),
     case('flag-extra-argument', TRAIN + ['extra'], "unexpected arguments ['extra']"),
     case('flag-resume', TRAIN + ['--resume=sometimes'], 'resume'),
@@ -197,6 +202,9 @@ CASES = [
         ('hf_path', '/nonexistent', "config.hf_path='/nonexistent'"),
     ]],
     case('prune-workdir-is-a-file', PRUNE + ['--workdir={F}'], 'is a file, not a directory'),
+    case('prune-mesh', PRUNE + ['--config.mesh.fsdp=2'], 'mesh: '),
+    case('prune-mesh-size', PRUNE + ['--config.mesh.data=0'], 'mesh: data=0 is not allowed'),
+    case('prune-rules', PRUNE + ['--config.sharding_rules=zz'], 'zz'),
     case('prune-workdir-is-source', PRUNE + ['--workdir={T}'], 'is the source run'),
     # The benchmark.
     case('bench-steps', ['--config=experiments/configs/shakespeare.py:tiny', '--steps=0'],
@@ -209,6 +217,11 @@ CASES = [
                          '--config.batch_size=0'], 'config.batch_size=0', BENCH),
     case('bench-prune-config', ['--config=experiments/configs/prune.py'],
          'the benchmark needs a training config', BENCH),
+    case('bench-main-workdir', ['--mode=benchmark'] + TRAIN,
+         '--mode=benchmark takes no --workdir'),
+    case('bench-main-steps', ['--mode=benchmark', '--steps=0',
+                              '--config=experiments/configs/shakespeare.py:tiny'],
+         '--steps=0 must be a positive integer'),
     # Damaged data.
     case('data-truncated-shard', TINY[:1] + ['--workdir={W}', '--config.data.data_dir={X1}'],
          r'damaged data: .*shakespeare_plays-train.array_record-00000-of-00001 holds 0 records, '

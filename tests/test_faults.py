@@ -142,14 +142,14 @@ def test_a_nonfinite_step_leaves_the_state_as_it_was(data_dir):
   token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
   before = jax.tree.map(np.asarray, state)
   poisoned = dict(batch, weights=np.where(batch['weights'] > 0, np.nan, 0).astype(np.float32))
-  after, metrics = steps.train_step(state, poisoned, token_bytes, model=model, accum_steps=1,
-                                    z_loss=0.0)
+  after, metrics = steps.train_step(state, poisoned, token_bytes, loss=steps.lm_loss(model),
+                                    accum_steps=1)
   assert not bool(metrics['finite']) and int(after.step) == 1
   for a, b in zip(jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state),
                   jax.tree.leaves(after.params) + jax.tree.leaves(after.opt_state)):
     np.testing.assert_array_equal(a, b)
-  after, metrics = steps.train_step(after, batch, token_bytes, model=model, accum_steps=1,
-                                    z_loss=0.0)
+  after, metrics = steps.train_step(after, batch, token_bytes, loss=steps.lm_loss(model),
+                                    accum_steps=1)
   assert bool(metrics['finite']) and int(after.step) == 2
   # A finite step is applied (Adam's moments move; the learning rate starts at 0 in warmup).
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.opt_state),

@@ -26,14 +26,19 @@ def tiny_config(data_dir) -> ml_collections.ConfigDict:
   return config
 
 
-def test_loss_falls_on_the_tiny_config(tmp_path, data_dir):
+def test_loss_falls_on_the_tiny_config_and_the_step_compiles_once(tmp_path, data_dir,
+                                                                  monkeypatch):
+  traces = []
+  step = steps.train_step
+  monkeypatch.setattr(steps, 'train_step', lambda *a, **k: traces.append(1) or step(*a, **k))
   config = tiny_config(data_dir)
   config.num_train_steps = 30
   config.optimizer.learning_rate = 3e-3
   config.optimizer.warmup_steps = 5
-  config.eval_every = 30
+  config.eval_every = 15   # an evaluation between steps does not retrace the step
   config.checkpoint_every = 30
   train.train_and_evaluate(config, tmp_path)
+  assert len(traces) == 1   # traced (and compiled) once for the run's 30 steps
   loss = losses(tmp_path)
   assert np.mean([loss[s] for s in (26, 27, 28, 29, 30)]) < loss[1] - 1.0
   assert loss[1] == pytest.approx(np.log(259), abs=0.3)   # uniform over the byte vocabulary
@@ -59,8 +64,8 @@ def test_gradient_accumulation_equals_one_large_batch(data_dir):
   results = []
   for accum in (1, 2, 4):
     state = steps.init_state(model, tx, 0, config.data.seq_len)
-    state, metrics = steps.train_step(state, batch, token_bytes, model=model, accum_steps=accum,
-                                      z_loss=1e-4)
+    state, metrics = steps.train_step(state, batch, token_bytes,
+                                      loss=steps.lm_loss(model, z_loss=1e-4), accum_steps=accum)
     results.append((state.params, metrics))
   for params, metrics in results[1:]:
     np.testing.assert_allclose(metrics['loss'], results[0][1]['loss'], rtol=1e-6)

@@ -3,6 +3,10 @@
 Command (after training the default model into runs/shakespeare):
   python -m experiments.main --mode=prune --config=experiments/configs/prune.py:sweep \
       --workdir=runs/prune_sweep --config.source_workdir=runs/shakespeare
+Fine-tunes (`finetune_steps`, and between `rounds`) are training runs in
+<workdir>/finetune/<variant>/ on the source run's mesh (or --config.mesh.*,
+--config.sharding_rules): checkpointed, logged, and continued (or skipped when complete) when the
+command runs again.
 Variants: a method and amount, e.g. `wanda_50`, `sparsegpt_2of4`, `magnitude_70`, `ffn_25`,
 `heads_50`; `sweep` (magnitude/Wanda/SparseGPT at 30/50/70%, 4:8 and 2:4); `structural` (25%
 and 50% of FFN neurons and of heads, each fine-tuned briefly). Any list can be given with
@@ -11,6 +15,9 @@ The source checkpoint is only read.
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+import sharding
 
 SWEEP = ','.join([f'{m}:{s}' for m in ('magnitude', 'wanda', 'sparsegpt')
                   for s in ('0.3', '0.5', '0.7', '4:8', '2:4')])
@@ -42,4 +49,14 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config.rounds = 1                   # > 1: iterative pruning, fine-tuning between rounds
   config.finetune_learning_rate = 3e-4
   config.seed = 0
+  # Where evaluations and fine-tunes run (fine-tunes are training runs in
+  # <workdir>/finetune/<variant>/). Unset sizes and '' keep the source run's mesh and rules.
+  config.mesh = _unset(sharding.default_mesh_config())   # e.g. --config.mesh.fsdp=4
+  config.sharding_rules = ''          # a preset of sharding/rules.py, e.g. fsdp
   return config
+
+
+def _unset(mesh: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The mesh's fields, each an unset integer (None: the source run's size)."""
+  return ml_collections.ConfigDict({k: _unset(v) if isinstance(v, ml_collections.ConfigDict)
+                                    else config_dict.placeholder(int) for k, v in mesh.items()})

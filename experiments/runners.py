@@ -1,0 +1,102 @@
+"""Every job `python -m experiments.main --mode=NAME` can do, in one registry.
+
+A runner is `fn(config, workdir, flags) -> str or None`: a few lines that call the library
+(`train`, `runtime`, `prune`, `benchmark`, ...), which validates its input and keeps the run's
+books itself, so `run(name, config, workdir)` from Python or a Colab is the same run as the
+command line. The text a runner returns is printed by process 0. Adding a runner is a function
+and a line in `RUNNERS`; the command line's --mode choices come from here.
+"""
+
+import dataclasses
+import json
+import logging
+from typing import Callable, Optional
+
+from etils import epath
+
+from experiments import benchmark, prune, runtime, train
+from experiments.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The command-line flags runners read (each runner names the ones it uses)."""
+  resume: str = 'auto'     # train: auto, new or params (see train.train_and_evaluate)
+  prompt: str = ''         # sample: the text to continue
+  steps: int = 10          # benchmark: timed steps
+  vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
+  remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+  fn: Callable             # (config, workdir, Flags) -> text to print, or None
+  doc: str                 # one line, shown by --help
+  flags: tuple = ()        # the `Flags` fields it reads; giving it any other one is an error
+  needs_workdir: bool = True
+  distributed: bool = True   # joins a multi-process run (sharding.initialize) first
+
+
+def _train(config, workdir, flags: Flags):
+  metrics = train.train_and_evaluate(config, workdir, flags.resume)
+  logging.info('final eval: %s', metrics)
+
+
+def _eval(config, workdir, flags: Flags):
+  return json.dumps(runtime.evaluate(config, workdir), indent=2)
+
+
+def _sample(config, workdir, flags: Flags):
+  return runtime.sample(config, workdir, flags.prompt)
+
+
+def _prune(config, workdir, flags: Flags):
+  prune.run(config, workdir)
+  return (epath.Path(workdir) / 'results.md').read_text()
+
+
+def _benchmark(config, workdir, flags: Flags):
+  benchmark.run(config, flags.steps, flags.vocab_size, flags.remat)   # prints as it measures
+
+
+RUNNERS = {
+    'train': Runner(_train, 'trains the config in the workdir, resuming its latest checkpoint',
+                    flags=('resume',)),
+    'eval': Runner(_eval, 'evaluates the newest checkpoint on the eval split (read-only)'),
+    'sample': Runner(_sample, 'continues --prompt with the newest checkpoint (read-only)',
+                     flags=('prompt',)),
+    'prune': Runner(_prune, 'prunes a trained run: experiments/configs/prune.py configs',
+                    distributed=False),
+    'benchmark': Runner(_benchmark, 'times the train step on synthetic batches (no workdir)',
+                        flags=('steps', 'vocab_size', 'remat'), needs_workdir=False,
+                        distributed=False),
+}
+
+
+def get(name: str) -> Runner:
+  if name not in RUNNERS:
+    raise UserError(f'--mode={name} is not one of {", ".join(RUNNERS)}')
+  return RUNNERS[name]
+
+
+def check_flags(name: str, flags: Flags, workdir) -> None:
+  """Refuses a flag the runner does not read (set to other than its default), in one line."""
+  runner = get(name)
+  for field in dataclasses.fields(Flags):
+    value = getattr(flags, field.name)
+    if field.name not in runner.flags and value != field.default:
+      users = [n for n, r in RUNNERS.items() if field.name in r.flags]
+      shown = ','.join(value) if isinstance(value, tuple) else value
+      raise UserError(f'--{field.name}={shown} applies to '
+                      f'{" and ".join(f"--mode={n}" for n in users)} only')
+  if runner.needs_workdir and not workdir:
+    raise UserError(f'--mode={name} needs --workdir')
+  if not runner.needs_workdir and workdir:
+    raise UserError(f'--mode={name} takes no --workdir (it writes nothing)')
+
+
+def run(name: str, config, workdir=None, **flags) -> Optional[str]:
+  """Runs runner `name` as the command line would (without the multi-process start-up)."""
+  given = Flags(**flags)
+  check_flags(name, given, workdir)
+  return get(name).fn(config, workdir, given)
