@@ -137,21 +137,26 @@ seam.register(Observed, seam.Rule(dense=lambda o, dtype: o.w, dot=_dot, expert_d
                                   ragged_dot=_ragged_dot, take=_take))
 
 
-def _observing(model, params, paths_):
-  """(the model as calibration runs it, params with the wanted weights observed)."""
+def _calibration_model(model):
+  """The model as calibration runs it: unrolled, MoE layers through the dropless dispatch."""
   cfg = model.config
   if cfg.scan_layers:
     raise ValueError('calibration needs the unrolled layout: use scan_layers=False '
                      '(models.unstack_layers converts the parameters)')
   if cfg.n_experts and cfg.moe_dispatch != 'dropless':
-    model = model.clone(config=cfg.replace(moe_dispatch='dropless'))
+    return model.clone(config=cfg.replace(moe_dispatch='dropless'))
+  return model
+
+
+def _observed(params, paths_):
+  """`params` with the weights at `paths_` wrapped in `Observed`."""
   wanted = set(paths_)
 
   def wrap(tree, prefix=''):
     return {k: wrap(v, f'{prefix}{k}/') if isinstance(v, dict) else
             Observed(v, prefix + k) if prefix + k in wanted else v for k, v in tree.items()}
 
-  return model, wrap(params)
+  return wrap(params)
 
 
 def _forward(model, params, batch):
@@ -161,9 +166,9 @@ def _forward(model, params, batch):
 
 def execution_order(model, params, batch, paths_) -> list:
   """`paths_` in the order the forward pass first multiplies by them (traced, not run)."""
-  model, observed = _observing(model, params, paths_)
+  model = _calibration_model(model)
   with recording(None, False) as rec:
-    jax.eval_shape(lambda p: _forward(model, p, batch), observed)
+    jax.eval_shape(lambda p: _forward(model, p, batch), _observed(params, paths_))
   return list(rec.stats)
 
 
@@ -173,14 +178,13 @@ def input_statistics(model, params, batches, kernel_paths, gram: bool = False) -
 
   Batches are dicts with 'inputs', 'positions', 'segment_ids' (0 marks padding).
   """
-  calib_model, _ = _observing(model, params, ())
+  model = _calibration_model(model)
 
   @jax.jit
   def one_batch(params, batch):
     real_M = (batch['segment_ids'] > 0).reshape(-1).astype(jnp.float32)
-    _, observed = _observing(model, params, kernel_paths)
     with recording(real_M, gram) as rec:
-      _forward(calib_model, observed, batch)
+      _forward(model, _observed(params, kernel_paths), batch)
     return rec.stats
 
   total = None

@@ -61,11 +61,6 @@ def select(params, layouts: Layouts, include: Optional[str] = None,
   return chosen
 
 
-def matrix_shape(layout: Layout, shape) -> tuple:
-  """(stack, in, out): how `as_matrices` views a weight of this layout and shape."""
-  return layout.matrix_shape(shape)
-
-
 def as_matrices(w, layout: Layout):
   """w -> [stack, in, out] (stack 1 for a plain kernel) and the function that undoes it."""
   shape = w.shape

@@ -139,7 +139,7 @@ def check(params, method: str, sparsity: float = 0.5, *, nm=None, scope: str = '
   selected = paths.select(params, layouts, include, exclude)
   flat = paths.flatten(params)
   for p in selected:
-    _, inputs, _ = paths.matrix_shape(layouts[p], flat[p].shape)
+    _, inputs, _ = layouts[p].matrix_shape(flat[p].shape)
     masks.check_nm(nm, inputs, p)   # N:M needs M to divide every selected weight's inputs
   return selected
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from compression import paths
 from models import axes, layouts
-from models.transformer import Transformer, block_name
+from models.transformer import block_name
 
 IMPORTANCE = ('l1', 'l2', 'taylor')
 
@@ -86,7 +86,7 @@ def _keep_top(scores, n_keep: int):
 
 def _block_params(cfg, params, axis: str):
   """[(block key, {path in block: (names, dim of `axis`)})] for the parameters carrying `axis`."""
-  names = layouts.logical_names(Transformer(cfg))
+  names = layouts.names_of_config(cfg)
   out = []
   for i in range(cfg.n_layers):
     block = block_name(i)

@@ -80,11 +80,16 @@ def logical_names(model: nn.Module, length: int = 1) -> Dict[str, Tuple[str, ...
 
 
 @functools.lru_cache(maxsize=64)
+def names_of_config(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
+  """`logical_names(Transformer(cfg))`, cached (configs are hashable)."""
+  from models.transformer import Transformer   # the transformer module imports nothing from here
+  return logical_names(Transformer(cfg))
+
+
+@functools.lru_cache(maxsize=64)
 def of_config(cfg: ModelConfig) -> Dict[str, Layout]:
   """{path: Layout} for every matmul weight of `Transformer(cfg)` (cached: configs are hashable)."""
-  from models.transformer import Transformer   # the transformer module imports nothing from here
-  names = logical_names(Transformer(cfg))
-  return {p: of_names(n, p) for p, n in names.items() if is_weight(n)}
+  return {p: of_names(n, p) for p, n in names_of_config(cfg).items() if is_weight(n)}
 
 
 def of_model(model) -> Dict[str, Layout]:

@@ -14,6 +14,7 @@ parameter. A rule must give `dense` (the leaf as a plain array, the fallback for
 contraction it does not implement) and may give faster forms of each contraction.
 """
 
+import abc
 import dataclasses
 from typing import Any, Callable, Optional, Tuple
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-class Leaf:
+class Leaf(abc.ABC):
   """Base of weight leaf types; subclasses are pytree nodes (`jax.tree_util.register_dataclass`).
 
   `shape` is the shape of the dense weight the leaf stands for (what the model asks for);
@@ -31,11 +32,13 @@ class Leaf:
   """
 
   @property
+  @abc.abstractmethod
   def shape(self) -> Tuple[int, ...]:
-    raise NotImplementedError
+    """The shape of the dense weight this leaf stands for."""
 
+  @abc.abstractmethod
   def logical_axes(self) -> Any:
-    raise NotImplementedError
+    """A tree like the leaf's children: a tuple of logical axis names per child array."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,3 @@ def dense(w, dtype) -> jax.Array:
   """The weight as a plain array of `dtype`, whatever its leaf type."""
   rule = rule_for(w)
   return (jnp.asarray(w) if rule is None else rule.dense(w, dtype)).astype(dtype)
-
-
-def shape_of(w) -> Tuple[int, ...]:
-  return tuple(w.shape)

@@ -203,6 +203,9 @@ def test_a_leaf_of_the_wrong_shape_is_one_clear_error():
 def test_an_unregistered_leaf_type_is_refused_by_name():
   class Unknown(seam.Leaf):
     shape = (32, 64)
+
+    def logical_axes(self):
+      return ()
   with pytest.raises(TypeError, match='no seam rule for a weight of type Unknown'):
     seam.rule_for(Unknown())
 
