@@ -84,6 +84,49 @@ def benchmark(config, n_steps: int, vocab: int) -> Result:
                 peak_bytes=stats.get('peak_bytes_in_use'))
 
 
+def _median_call_s(fn, args_fn, n_steps: int, warmup: int = 2) -> float:
+  """Median wall seconds of `fn(*args_fn())`, each call waited for (after `warmup` calls)."""
+  times = []
+  for i in range(warmup + n_steps):
+    args = args_fn()
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def phases(config, n_steps: int, vocab: int) -> dict:
+  """Median seconds of the train step's phases on `config`'s mesh: `forward` (the loss),
+  `backward` (loss and gradients, less the forward), `optimizer` (clipping and the update, as
+  a step of its own) and `step` (the whole jitted train step, as in training)."""
+  model = Transformer(steps.model_config(config, vocab))
+  placement = runtime.Placement(config, model,
+                                steps.make_optimizer(config.optimizer, config.num_train_steps))
+  state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
+  batch = placement.batch(synthetic_batch(config.batch_size // jax.process_count(),
+                                          config.data.seq_len, vocab, seed=jax.process_index()))
+  token_bytes = jax.device_put(jnp.ones((vocab,), jnp.float32), placement.replicated)
+  total = lambda params, b: placement.loss(params, b)[0]
+  with placement.rules_scope():
+    forward = jax.jit(total)
+    grad = jax.jit(jax.value_and_grad(total))
+    grads = grad(state.params, batch)[1]
+    update = jax.jit(lambda s, g: s.apply_gradients(grads=g))
+    out = dict(forward=_median_call_s(forward, lambda: (state.params, batch), n_steps),
+               forward_backward=_median_call_s(grad, lambda: (state.params, batch), n_steps),
+               optimizer=_median_call_s(update, lambda: (state, grads), n_steps))
+    step = placement.compile_train_step(vocab)
+    holder = [state]
+
+    def train(s):
+      holder[0], metrics = step(s, batch, token_bytes)
+      return metrics
+    out['step'] = _median_call_s(train, lambda: (holder[0],), n_steps)
+  out['backward'] = out.pop('forward_backward') - out['forward']
+  return out
+
+
 def report(config, r: Result) -> str:
   mfu = 'n/a (unknown peak)' if r.mfu is None else f'{100 * r.mfu:.1f}%'
   fmt = lambda n: 'n/a' if not n else memory.human_bytes(n)

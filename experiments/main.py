@@ -2,7 +2,7 @@
 
 --mode picks a runner of `experiments/runners.py`: train (default; resumes from the workdir's
 latest checkpoint), eval, sample (--prompt), prune (experiments/configs/prune.py configs),
-benchmark (no workdir). Bad input and run-level failures print one line `error: ...` and exit 1
+benchmark and compare (against the PyTorch peer; no workdir). Bad input and run-level failures print one line `error: ...` and exit 1
 (see `experiments/cli.py`); `--resume=new|params` starts over in a workdir whose run has another
 configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
@@ -38,6 +38,8 @@ _VOCAB = flags.DEFINE_integer('vocab_size', 0, 'benchmark: vocabulary (0: 259 by
                               'data.vocab_size for SentencePiece).')
 _REMAT = flags.DEFINE_list('remat', [], 'benchmark: remat policies to compare (default: the '
                            f'config\'s); any of {", ".join(["none", *REMAT_POLICIES])}.')
+_PEERS = flags.DEFINE_list('peers', list(runners.Flags.peers), 'compare: PyTorch peer modes '
+                           '(eager, compile).')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -56,7 +58,7 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   cli.check_is_config(config, flags.FLAGS['config'].config_filename)
   given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, steps=_STEPS.value,
-                        vocab_size=_VOCAB.value, remat=tuple(_REMAT.value))
+                        vocab_size=_VOCAB.value, remat=tuple(_REMAT.value), peers=tuple(_PEERS.value))
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:

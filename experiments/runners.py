@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import benchmark, prune, runtime, train
+from experiments import benchmark, compare, prune, runtime, train
 from experiments.errors import UserError
 
 
@@ -26,6 +26,7 @@ class Flags:
   steps: int = 10          # benchmark: timed steps
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
+  peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,10 @@ def _benchmark(config, workdir, flags: Flags):
   benchmark.run(config, flags.steps, flags.vocab_size, flags.remat)   # prints as it measures
 
 
+def _compare(config, workdir, flags: Flags):
+  return compare.run(config, flags.steps, flags.vocab_size, flags.peers)
+
+
 RUNNERS = {
     'train': Runner(_train, 'trains the config in the workdir, resuming its latest checkpoint',
                     flags=('resume',)),
@@ -70,6 +75,9 @@ RUNNERS = {
     'benchmark': Runner(_benchmark, 'times the train step on synthetic batches (no workdir)',
                         flags=('steps', 'vocab_size', 'remat'), needs_workdir=False,
                         distributed=False),
+    'compare': Runner(_compare, 'times the train step back to back with the PyTorch peer '
+                      '(experiments/peer.py)', flags=('steps', 'vocab_size', 'peers'),
+                      needs_workdir=False, distributed=False),
 }
 
 

@@ -9,12 +9,15 @@ kernel) and register how it executes, without touching model code. Modules fetch
 `weight(...)`, which accepts any leaf type whose dense shape is the one asked for.
 """
 
+import functools
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from models import axes, seam
 from models.config import ModelConfig
@@ -33,8 +36,48 @@ def dot(x: jax.Array, w, n_contract: int, dtype, transpose_w: bool = False) -> j
   w_dims = tuple(range(ndim - n_contract, ndim)) if transpose_w else tuple(range(n_contract))
   rule = seam.rule_for(w)
   if rule is not None and rule.dot is not None:
-    return rule.dot(x, w, x_dims, w_dims, dtype)
-  return lax.dot_general(x.astype(dtype), seam.dense(w, dtype), ((x_dims, w_dims), ((), ())))
+    y = rule.dot(x, w, x_dims, w_dims, dtype)
+  else:
+    y = _weight_dot(x.astype(dtype), seam.dense(w, dtype), x_dims, w_dims)
+  return checkpoint_name(y, WEIGHT_DOT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _weight_dot(x, w, x_dims, w_dims):
+  """dot_general(x, w) contracting `x_dims` (x's trailing dims) with `w_dims`, with a gradient
+  that chooses which operand of the weight gradient XLA transposes.
+
+  The weight gradient contracts the token dims of x and of the output gradient g. JAX's own rule
+  always makes g the left operand, so XLA's dot emitters (left operand [rows, contracted])
+  materialize g transposed, often fused into the elementwise op producing g (the SwiGLU
+  gradient, 3x the width of x) as a strided write. Here the narrower of x and g is the one
+  transposed. Same products and sums; the result is only laid out differently.
+  """
+  return lax.dot_general(x, w, ((x_dims, w_dims), ((), ())))
+
+
+def _weight_dot_fwd(x, w, x_dims, w_dims):
+  return _weight_dot(x, w, x_dims, w_dims), (x, w)
+
+
+def _weight_dot_bwd(x_dims, w_dims, res, g):
+  x, w = res
+  tokens = tuple(range(x.ndim - len(x_dims)))
+  w_free = tuple(d for d in range(w.ndim) if d not in w_dims)
+  d_x = lax.dot_general(g, w, ((tuple(range(len(tokens), g.ndim)), w_free), ((), ())))
+  if math.prod(x.shape[len(tokens):]) <= math.prod(g.shape[len(tokens):]):
+    d_w, order = lax.dot_general(x, g, ((tokens, tokens), ((), ()))), tuple(w_dims) + w_free
+  else:
+    d_w, order = lax.dot_general(g, x, ((tokens, tokens), ((), ()))), w_free + tuple(w_dims)
+  d_w = lax.transpose(d_w, tuple(order.index(i) for i in range(w.ndim)))
+  return d_x.astype(x.dtype), d_w.astype(w.dtype)
+
+
+_weight_dot.defvjp(_weight_dot_fwd, _weight_dot_bwd)
+
+# Name of every `dot` output, so remat policies can save them (`models.transformer`): a custom
+# gradient hides the dot_general inside from `jax.checkpoint_policies.checkpoint_dots`.
+WEIGHT_DOT = 'weight_dot'
 
 
 def expert_dot(x_ExMxI: jax.Array, w_ExIxO, dtype) -> jax.Array:
@@ -151,15 +194,42 @@ class Norm(nn.Module):
     x32 = x.astype(jnp.float32)
     if self.kind == 'layernorm':
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     scale = self.param('scale', partitioned(nn.initializers.ones, (axes.EMBED,)), (d,),
                        self.param_dtype)
-    y = y * _lead(jnp.asarray(scale).astype(jnp.float32), y.ndim)
+    y = rms_scale(x32, jnp.asarray(scale).astype(jnp.float32), self.eps)
     if self.kind == 'layernorm':
       bias = self.param('bias', partitioned(nn.initializers.zeros, (axes.EMBED,)), (d,),
                         self.param_dtype)
       y = y + _lead(jnp.asarray(bias).astype(jnp.float32), y.ndim)
     return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_scale(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) * scale over the last axis, with a hand-written gradient.
+
+  Autodiff would keep the scale broadcast to the activations' shape for the backward pass, a
+  full-size array XLA writes and reads once per norm; this gradient needs only the input and
+  one inverse rms per token.
+  """
+  return _rms_scale_fwd(x, scale, eps)[0]
+
+
+def _rms_scale_fwd(x, scale, eps):
+  r = lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+  return x * r * _lead(scale, x.ndim), (x, r, scale)
+
+
+def _rms_scale_bwd(eps, res, g):
+  x, r, scale = res
+  x_hat = x * r
+  g_scaled = g * _lead(scale, x.ndim)
+  d_scale = jnp.sum(g * x_hat, axis=tuple(range(x.ndim - 1)))
+  d_x = r * (g_scaled - x_hat * jnp.mean(g_scaled * x_hat, axis=-1, keepdims=True))
+  return d_x, d_scale
+
+
+rms_scale.defvjp(_rms_scale_fwd, _rms_scale_bwd)
 
 
 ACTIVATION_FNS = {

@@ -10,13 +10,18 @@ import jax.numpy as jnp
 from models import axes
 from models.attention import Attention, Geometry
 from models.config import ModelConfig
-from models.layers import Embed, Linear, Mlp, Norm
+from models.layers import WEIGHT_DOT, Embed, Linear, Mlp, Norm
 from models.moe import MoeMlp
 
+_policies = jax.checkpoint_policies
+_weight_dots = _policies.save_only_these_names(WEIGHT_DOT)
 REMAT_POLICIES = {
     'full': None,  # save nothing: recompute the whole block in the backward pass
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Weight contractions (`models.layers.dot`, named WEIGHT_DOT) and any other dot.
+    'dots': _policies.save_from_both_policies(_policies.checkpoint_dots, _weight_dots),
+    # Weight contractions only: not the attention scores (dots with batch dims).
+    'dots_no_batch': _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims, _weight_dots),
 }
 
 

@@ -1,0 +1,58 @@
+"""Frugal's train step against the PyTorch peer, back to back on one machine.
+
+`python -m experiments.main --mode=compare --config=experiments/configs/shakespeare.py` times the
+phases of Frugal's jitted train step (see `benchmark.phases`), then those of the same model in
+PyTorch (`experiments/peer.py`: eager and under `torch.compile`), on batches of the config's
+shape, and prints one table with the speed-up of Frugal's step over each peer. Run it on an idle
+machine: both sides share the cores.
+"""
+
+import jax
+
+from experiments import benchmark, peer, steps, validate
+from experiments.errors import UserError
+
+
+def run(config, n_steps: int = 10, vocab_size: int = 0, peers=peer.MODES) -> str:
+  """Measures and returns the comparison as a Markdown table (printed by the runner)."""
+  validate.check_kind(config, 'benchmark')
+  validate.check_fields(config)
+  validate.check_mesh(config)
+  if n_steps <= 0:
+    raise UserError(f'--steps={n_steps} must be a positive integer')
+  if vocab_size < 0:
+    raise UserError(f'--vocab_size={vocab_size} must be >= 0 (0: from the config)')
+  for mode in peers:
+    if mode not in peer.MODES:
+      raise UserError(f'--peers: {mode!r} is not one of {", ".join(peer.MODES)}')
+  if jax.process_count() > 1:
+    raise UserError('--mode=compare runs in one process (the peer is single-process)')
+  vocab = vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
+  model_config = steps.model_config(config, vocab)
+  batch = benchmark.synthetic_batch(config.batch_size, config.data.seq_len, vocab)
+  rows = [('Frugal, jax.jit', benchmark.phases(config, n_steps, vocab))]
+  for mode in peers:
+    try:
+      times = peer.time_train_step(model_config, config.optimizer, batch, mode, n_steps)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    rows.append((f'PyTorch {times["version"]}, {mode} ({times["threads"]} threads)', times))
+  return table(config, model_config, rows)
+
+
+def table(config, model_config, rows) -> str:
+  tokens = config.batch_size * config.data.seq_len
+  ours = rows[0][1]['step']
+  head = (f'{model_config.n_layers} layers x {model_config.d_model}, {model_config.n_heads} '
+          f'heads, MLP {model_config.d_ff}, vocabulary {model_config.vocab_size}, batch '
+          f'{config.batch_size} x {config.data.seq_len}, {model_config.dtype}, '
+          f'{jax.device_count()} x {jax.devices()[0].device_kind}')
+  lines = [head, '',
+           '| implementation | forward | backward | optimizer | train step | tokens/s '
+           '| Frugal step speed-up |',
+           '|---|---|---|---|---|---|---|']
+  for name, t in rows:
+    ms = lambda k: f'{1e3 * t[k]:,.0f} ms'
+    lines.append(f'| {name} | {ms("forward")} | {ms("backward")} | {ms("optimizer")} | '
+                 f'{ms("step")} | {tokens / t["step"]:,.0f} | {t["step"] / ours:.2f}x |')
+  return '\n'.join(lines)
