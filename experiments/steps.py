@@ -137,25 +137,30 @@ def train_step(state: TrainState, batch, token_bytes, *, loss, accum_steps: int,
   holds 'tokens' (the normaliser), 'ce' (reported as `loss` and `bits_per_byte`) and any other
   terms, each reported divided by the tokens ('z' as `z_loss`).
   """
-  # Microbatch i takes rows i, i + accum, ...: every microbatch draws from every device's shard
-  # of the batch, so accumulation needs no data movement.
-  micro = jax.tree.map(
-      lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
   grad_fn = jax.grad(loss, has_aux=True)
   step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
-  def accumulate(carry, mb_and_index):
-    mb, i = mb_and_index
-    grads, sums = carry
+  def microbatch(mb, i):
     g, s = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
     s['bytes'] = jnp.sum(token_bytes[mb['targets']] * mb['weights'])
-    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+    return g, s
 
-  first = jax.tree.map(lambda x: x[0], micro)
-  shapes = jax.eval_shape(lambda: grad_fn(state.params, first, step_rng)[1])
-  zero_sums = dict(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), bytes=0.0)
-  zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_sums)
-  (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
+  if accum_steps == 1:   # no loop: a one-step scan would keep XLA from overlapping its ops
+    grads, sums = microbatch(batch, 0)
+  else:
+    # Microbatch i takes rows i, i + accum, ...: every microbatch draws from every device's
+    # shard of the batch, so accumulation needs no data movement.
+    micro = jax.tree.map(
+        lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, mb_and_index):
+      g, s = microbatch(*mb_and_index)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(lambda: microbatch(first, 0)))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
   n = jnp.maximum(sums['tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads)
   grad_norm = optax.tree.norm(grads)
