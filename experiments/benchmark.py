@@ -96,10 +96,11 @@ def _median_call_s(fn, args_fn, n_steps: int, warmup: int = 2) -> float:
   return float(np.median(times))
 
 
-def phases(config, n_steps: int, vocab: int) -> dict:
-  """Median seconds of the train step's phases on `config`'s mesh: `forward` (the loss),
-  `backward` (loss and gradients, less the forward), `optimizer` (clipping and the update, as
-  a step of its own) and `step` (the whole jitted train step, as in training)."""
+def phase_timer(config, vocab: int):
+  """Compiles the train step's phases on `config`'s mesh once; returns `measure(n_steps)`, which
+  gives the median seconds of `forward` (the loss), `backward` (loss and gradients, less the
+  forward), `optimizer` (clipping and the update, as a step of its own) and `step` (the whole
+  jitted train step, as in training) over `n_steps` calls each."""
   model = Transformer(steps.model_config(config, vocab))
   placement = runtime.Placement(config, model,
                                 steps.make_optimizer(config.optimizer, config.num_train_steps))
@@ -113,18 +114,24 @@ def phases(config, n_steps: int, vocab: int) -> dict:
     grad = jax.jit(jax.value_and_grad(total))
     grads = grad(state.params, batch)[1]
     update = jax.jit(lambda s, g: s.apply_gradients(grads=g))
-    out = dict(forward=_median_call_s(forward, lambda: (state.params, batch), n_steps),
-               forward_backward=_median_call_s(grad, lambda: (state.params, batch), n_steps),
-               optimizer=_median_call_s(update, lambda: (state, grads), n_steps))
     step = placement.compile_train_step(vocab)
-    holder = [state]
+  holder = [sharding.create_sharded(placement.init, placement.mesh, placement.rules,
+                                    placement.rng)]   # donated to the step, call after call
 
-    def train(s):
-      holder[0], metrics = step(s, batch, token_bytes)
-      return metrics
-    out['step'] = _median_call_s(train, lambda: (holder[0],), n_steps)
-  out['backward'] = out.pop('forward_backward') - out['forward']
-  return out
+  def train(s):
+    holder[0], metrics = step(s, batch, token_bytes)
+    return metrics
+
+  def measure(n_steps: int) -> dict:
+    with placement.rules_scope():
+      time = lambda fn, args: _median_call_s(fn, args, n_steps, warmup=1)
+      out = dict(forward=time(forward, lambda: (state.params, batch)),
+                 forward_backward=time(grad, lambda: (state.params, batch)),
+                 optimizer=time(update, lambda: (state, grads)),
+                 step=time(train, lambda: (holder[0],)))
+    out['backward'] = out.pop('forward_backward') - out['forward']
+    return out
+  return measure
 
 
 def report(config, r: Result) -> str:

@@ -1,13 +1,14 @@
 """Frugal's train step against the PyTorch peer, back to back on one machine.
 
 `python -m experiments.main --mode=compare --config=experiments/configs/shakespeare.py` times the
-phases of Frugal's jitted train step (see `benchmark.phases`), then those of the same model in
+phases of Frugal's jitted train step (see `benchmark.phase_timer`) and those of the same model in
 PyTorch (`experiments/peer.py`: eager and under `torch.compile`), on batches of the config's
-shape, and prints one table with the speed-up of Frugal's step over each peer. Run it on an idle
-machine: both sides share the cores.
+shape, in `ROUNDS` alternating rounds of `--steps` steps each, and prints one table with the
+speed-up of Frugal's step over each peer. Run it on an idle machine: both sides share the cores.
 """
 
 import jax
+import numpy as np
 
 from experiments import benchmark, peer, steps, validate
 from experiments.errors import UserError
@@ -30,23 +31,33 @@ def run(config, n_steps: int = 10, vocab_size: int = 0, peers=peer.MODES) -> str
   vocab = vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
   model_config = steps.model_config(config, vocab)
   batch = benchmark.synthetic_batch(config.batch_size, config.data.seq_len, vocab)
-  rows = [('Frugal, jax.jit', benchmark.phases(config, n_steps, vocab))]
+  timers = [('Frugal, jax.jit', benchmark.phase_timer(config, vocab))]
   for mode in peers:
     try:
-      times = peer.time_train_step(model_config, config.optimizer, batch, mode, n_steps)
+      timer = peer.train_step_timer(model_config, config.optimizer, batch, mode)
     except ValueError as e:
       raise UserError(str(e)) from None
-    rows.append((f'PyTorch {times["version"]}, {mode} ({times["threads"]} threads)', times))
-  return table(config, model_config, rows)
+    timers.append((f'PyTorch {timer.info["version"]}, {mode} ({timer.info["threads"]} '
+                   f'threads)', timer))
+  # Rounds alternate the implementations, so a machine that slows down or speeds up during the
+  # run weighs on every side alike; each figure is the median over rounds.
+  rounds = [[measure(n_steps) for _, measure in timers] for _ in range(ROUNDS)]
+  rows = [(name, {k: float(np.median([r[i][k] for r in rounds])) for k in rounds[0][i]})
+          for i, (name, _) in enumerate(timers)]
+  return table(config, model_config, rows, n_steps)
 
 
-def table(config, model_config, rows) -> str:
+ROUNDS = 3
+
+
+def table(config, model_config, rows, n_steps: int) -> str:
   tokens = config.batch_size * config.data.seq_len
   ours = rows[0][1]['step']
   head = (f'{model_config.n_layers} layers x {model_config.d_model}, {model_config.n_heads} '
           f'heads, MLP {model_config.d_ff}, vocabulary {model_config.vocab_size}, batch '
           f'{config.batch_size} x {config.data.seq_len}, {model_config.dtype}, '
-          f'{jax.device_count()} x {jax.devices()[0].device_kind}')
+          f'{jax.device_count()} x {jax.devices()[0].device_kind}; medians of {n_steps} steps, '
+          f'then over {ROUNDS} alternating rounds')
   lines = [head, '',
            '| implementation | forward | backward | optimizer | train step | tokens/s '
            '| Frugal step speed-up |',

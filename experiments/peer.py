@@ -38,10 +38,11 @@ def _optimizer(model, opt):
                            lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
 
 
-def time_train_step(cfg: ModelConfig, opt, batch: dict, mode: str, n_steps: int,
-                    warmup: int = 2) -> dict:
-  """Median seconds per phase of the peer's train step: forward (with the loss), backward,
-  optimizer (clipping + AdamW), and their sum `step`; `compile_s` is the warm-up's time."""
+def train_step_timer(cfg: ModelConfig, opt, batch: dict, mode: str, warmup: int = 2):
+  """Builds the peer (and compiles it: `warmup` steps); returns `measure(n_steps)`, the median
+  seconds per phase of its train step: forward (with the loss), backward, optimizer (clipping
+  + AdamW) and their sum `step`. The returned function's `info` holds the compile time, torch's
+  version and thread count."""
   import torch
   import torch.nn.functional as F
   if mode not in MODES:
@@ -56,11 +57,8 @@ def time_train_step(cfg: ModelConfig, opt, batch: dict, mode: str, n_steps: int,
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
   forward = torch.compile(loss_fn) if mode == 'compile' else loss_fn
-  times = []
-  t_start = time.perf_counter()
-  for i in range(warmup + n_steps):
-    if i == warmup:
-      compile_s = time.perf_counter() - t_start
+
+  def one_step():
     t0 = time.perf_counter()
     loss = forward(inputs, targets)
     t1 = time.perf_counter()
@@ -70,8 +68,15 @@ def time_train_step(cfg: ModelConfig, opt, batch: dict, mode: str, n_steps: int,
     tx.step()
     tx.zero_grad(set_to_none=True)
     t3 = time.perf_counter()
-    if i >= warmup:
-      times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-  forward_s, backward_s, optimizer_s, step_s = np.median(np.array(times), axis=0)
-  return dict(forward=forward_s, backward=backward_s, optimizer=optimizer_s, step=step_s,
-              compile_s=compile_s, threads=torch.get_num_threads(), version=torch.__version__)
+    return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+
+  t_start = time.perf_counter()
+  for _ in range(warmup):
+    one_step()
+
+  def measure(n_steps: int) -> dict:
+    times = np.median(np.array([one_step() for _ in range(n_steps)]), axis=0)
+    return dict(zip(('forward', 'backward', 'optimizer', 'step'), times))
+  measure.info = dict(compile_s=time.perf_counter() - t_start, threads=torch.get_num_threads(),
+                      version=torch.__version__)
+  return measure

@@ -4,8 +4,9 @@ Command:
   python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=runs/shakespeare
 Variants: `:bytes` (byte-level tokenizer, same budget), `:moe` (8 experts, 2 active per token,
 as many active parameters as the dense model), `:tiny` and `:moe_tiny` (seconds; used by tests).
-Result (2-core CPU development machine, 2026-11-23): 8 min 36 s wall for the whole command,
-validation loss 1.454 nats/byte (2.10 bits/byte) on the four held-out plays.
+Result (2-core CPU development machine, 2026-11-24): 7 min 8 s wall for the whole command
+(8 min 51 s before the CPU step work of issue 12, same machine and day), validation loss 1.459
+nats/byte (2.11 bits/byte) on the four held-out plays.
 """
 
 import ml_collections
