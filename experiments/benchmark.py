@@ -145,9 +145,8 @@ def report(config, r: Result) -> str:
           f'{fmt(r.peak_bytes)}')
 
 
-def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
-  """Validates, then benchmarks `config` once per remat policy (default: the config's), printing
-  a header and one line per policy as it goes; returns the `Result`s."""
+def checked_vocab(config, n_steps: int, vocab_size: int) -> int:
+  """Validates a timing run's config and flags; returns the vocabulary size to time with."""
   validate.check_kind(config, 'benchmark')
   validate.check_fields(config)
   validate.check_mesh(config)
@@ -155,7 +154,13 @@ def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
     raise UserError(f'--steps={n_steps} must be a positive integer')
   if vocab_size < 0:
     raise UserError(f'--vocab_size={vocab_size} must be >= 0 (0: from the config)')
-  vocab = vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
+  return vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
+
+
+def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
+  """Validates, then benchmarks `config` once per remat policy (default: the config's), printing
+  a header and one line per policy as it goes; returns the `Result`s."""
+  vocab = checked_vocab(config, n_steps, vocab_size)
   policies = list(remat) or [config.model.remat]
   for policy in policies:
     if policy != 'none' and policy not in REMAT_POLICIES:

@@ -10,25 +10,18 @@ speed-up of Frugal's step over each peer. Run it on an idle machine: both sides 
 import jax
 import numpy as np
 
-from experiments import benchmark, peer, steps, validate
+from experiments import benchmark, peer, steps
 from experiments.errors import UserError
 
 
 def run(config, n_steps: int = 10, vocab_size: int = 0, peers=peer.MODES) -> str:
   """Measures and returns the comparison as a Markdown table (printed by the runner)."""
-  validate.check_kind(config, 'benchmark')
-  validate.check_fields(config)
-  validate.check_mesh(config)
-  if n_steps <= 0:
-    raise UserError(f'--steps={n_steps} must be a positive integer')
-  if vocab_size < 0:
-    raise UserError(f'--vocab_size={vocab_size} must be >= 0 (0: from the config)')
+  vocab = benchmark.checked_vocab(config, n_steps, vocab_size)
   for mode in peers:
     if mode not in peer.MODES:
       raise UserError(f'--peers: {mode!r} is not one of {", ".join(peer.MODES)}')
   if jax.process_count() > 1:
     raise UserError('--mode=compare runs in one process (the peer is single-process)')
-  vocab = vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
   model_config = steps.model_config(config, vocab)
   batch = benchmark.synthetic_batch(config.batch_size, config.data.seq_len, vocab)
   timers = [('Frugal, jax.jit', benchmark.phase_timer(config, vocab))]
