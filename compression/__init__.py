@@ -20,8 +20,8 @@ package must not import JAX.
 
 import importlib
 
-_SUBMODULES = ('calibration', 'masks', 'paths', 'pruning', 'report', 'schedules', 'sparsegpt',
-               'structural')
+_SUBMODULES = ('calibration', 'gptq', 'grid', 'masks', 'mixed', 'paths', 'pruning',
+               'qtensor', 'quantize', 'report', 'schedules', 'smoothing', 'sparsegpt', 'structural')
 
 
 def __getattr__(name):

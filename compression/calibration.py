@@ -4,7 +4,8 @@
 `Observed` leaf. Its seam rule (`models.seam`) records the contraction's inputs and then runs
 the plain contraction, so statistics exist for every weight the model multiplies by, wherever
 it sits: per input feature the sum of squares (Wanda) and optionally the Gram matrix X^T X
-(SparseGPT, GPTQ) over the non-padding tokens, and for MoE experts the same per expert, over
+(SparseGPT, GPTQ), the largest |x| (SmoothQuant, static activation scales) and the sum of |x|
+(AWQ's mean |x|), over the non-padding tokens, and for MoE experts the same per expert, over
 the tokens routed to it. `gradients` averages the loss gradient for saliency scores.
 
 The model must be unrolled (`scan_layers=False`): under `nn.scan` one traced layer stands for
@@ -40,15 +41,21 @@ class Observed(seam.Leaf):
     raise TypeError('Observed weights exist only while calibrating')
 
 
-class _Recording:
-  """Statistics of one traced forward pass: {path: {'sq', 'gram', 'tokens'}} in execution order."""
+def merge(a: dict, b: dict) -> dict:
+  """The statistics of two sets of tokens: 'absmax' is a maximum, everything else a sum."""
+  return {k: jnp.maximum(a[k], b[k]) if k == 'absmax' else a[k] + b[k] for k in a}
 
-  def __init__(self, real_M, gram: bool):
+
+class _Recording:
+  """Statistics of one traced forward pass: {path: {'sq', 'tokens', ...}} in execution order."""
+
+  def __init__(self, real_M, gram: bool, absmax: bool = False, abssum: bool = False):
     self.real_M, self.gram, self.stats = real_M, gram, {}
+    self.absmax, self.abssum = absmax, abssum
 
   def add(self, path: str, stats: dict) -> None:
-    if path in self.stats:   # a weight used twice (a tied table): both uses count
-      stats = jax.tree.map(jnp.add, self.stats[path], stats)
+    if path in self.stats:   # a weight used twice (a tied table, a reused block): both uses count
+      stats = merge(self.stats[path], stats)
     self.stats[path] = stats
 
 
@@ -56,13 +63,13 @@ _active = []
 
 
 @contextlib.contextmanager
-def recording(real_M, gram: bool):
+def recording(real_M, gram: bool, absmax: bool = False, abssum: bool = False):
   """Observed contractions inside record into the returned `_Recording`.
 
   `real_M` weighs the model's tokens (batch rows x length, flattened): 1 real, 0 padding; None
   while only the execution order is wanted.
   """
-  rec = _Recording(real_M, gram)
+  rec = _Recording(real_M, gram, absmax, abssum)
   _active.append(rec)
   try:
     yield rec
@@ -70,12 +77,21 @@ def recording(real_M, gram: bool):
     _active.pop()
 
 
-def _moments(rows_MxI, weight_M, gram: bool) -> dict:
+def _moments(rows_MxI, weight_M, rec: _Recording) -> dict:
   rows = rows_MxI.astype(jnp.float32) * weight_M[:, None]
   out = dict(sq=jnp.sum(jnp.square(rows), axis=0), tokens=jnp.sum(weight_M))
-  if gram:
+  if rec.gram:
     out['gram'] = jnp.matmul(rows.T, rows, precision=_HIGHEST)
+  if rec.absmax:   # a padding row is 0 here whatever it held (0 * inf would be nan)
+    out['absmax'] = jnp.max(_real_abs(rows_MxI, weight_M), axis=0)
+  if rec.abssum:
+    out['abssum'] = jnp.sum(jnp.abs(rows), axis=0)
   return out
+
+
+def _real_abs(x_MxI, weight_M):
+  """|x| on the rows of positive weight, 0 on the others."""
+  return jnp.where(weight_M[:, None] > 0, jnp.abs(x_MxI.astype(jnp.float32)), 0.0)
 
 
 def _token_weights(rec: _Recording, m: int):
@@ -89,7 +105,7 @@ def _dot(x, o: Observed, x_dims, w_dims, dtype):
     rec.add(o.path, {})
   elif w_dims == tuple(range(len(x_dims))):   # contracted on the weight's input side
     rows = x.reshape(-1, math.prod(x.shape[x.ndim - len(x_dims):]))
-    rec.add(o.path, _moments(rows, _token_weights(rec, rows.shape[0]), rec.gram))
+    rec.add(o.path, _moments(rows, _token_weights(rec, rows.shape[0]), rec))
   # (A table used transposed, as a tied head, is observed through its lookup.)
   return lax.dot_general(x.astype(dtype), o.w.astype(dtype), ((x_dims, w_dims), ((), ())))
 
@@ -109,6 +125,11 @@ def _ragged_dot(x_MxI, o: Observed, group_sizes_E, dtype, rows_M):
                  tokens=jnp.sum(member_MxE, axis=0))
     if rec.gram:
       stats['gram'] = jnp.einsum('me,mi,mj->eij', member_MxE, x32, x32, precision=_HIGHEST)
+    if rec.absmax:   # rows past the total form segment e, dropped; an empty expert's max is 0
+      found = jax.ops.segment_max(_real_abs(x32, weight_M), expert_M, num_segments=e + 1)
+      stats['absmax'] = jnp.maximum(found[:e], 0.0)
+    if rec.abssum:
+      stats['abssum'] = jnp.matmul(member_MxE.T, jnp.abs(x32), precision=_HIGHEST)
     rec.add(o.path, stats)
   return lax.ragged_dot(x_MxI.astype(dtype), o.w.astype(dtype), group_sizes_E)
 
@@ -129,6 +150,10 @@ def _take(o: Observed, ids, dtype):
     stats = dict(sq=counts, tokens=jnp.sum(weight))
     if rec.gram:
       stats['gram'] = jnp.diag(counts)
+    if rec.absmax:
+      stats['absmax'] = (counts > 0).astype(jnp.float32)
+    if rec.abssum:
+      stats['abssum'] = counts
     rec.add(o.path, stats)
   return jnp.take(o.w, ids, axis=0).astype(dtype)
 
@@ -172,25 +197,29 @@ def execution_order(model, params, batch, paths_) -> list:
   return list(rec.stats)
 
 
-def input_statistics(model, params, batches, kernel_paths, gram: bool = False) -> dict:
-  """{path: {'sq': [stack..., in], 'gram': [stack..., in, in] (if asked), 'tokens': [stack...]}}
-  summed over batches; the stack dims are the weight's experts (none for a plain kernel).
+def input_statistics(model, params, batches, kernel_paths, gram: bool = False,
+                     absmax: bool = False, abssum: bool = False) -> dict:
+  """{path: {'sq': [stack..., in], 'tokens': [stack...], and if asked 'gram': [stack..., in, in],
+  'absmax': [stack..., in], 'abssum': [stack..., in]}} over the non-padding tokens of all
+  batches; the stack dims are the weight's experts (none for a plain kernel).
 
-  Batches are dicts with 'inputs', 'positions', 'segment_ids' (0 marks padding).
+  'sq' and 'abssum' are sums of x^2 and |x| per input feature (abssum / tokens is the mean
+  |x|), 'absmax' the largest |x| (a maximum over batches, not a sum). Batches are dicts with
+  'inputs', 'positions', 'segment_ids' (0 marks padding).
   """
   model = _calibration_model(model)
 
   @jax.jit
   def one_batch(params, batch):
     real_M = (batch['segment_ids'] > 0).reshape(-1).astype(jnp.float32)
-    with recording(real_M, gram) as rec:
+    with recording(real_M, gram, absmax, abssum) as rec:
       _forward(model, _observed(params, kernel_paths), batch)
     return rec.stats
 
   total = None
   for batch in batches:
     found = one_batch(params, {k: batch[k] for k in ('inputs', 'positions', 'segment_ids')})
-    total = found if total is None else jax.tree.map(jnp.add, total, found)
+    total = found if total is None else {p: merge(total[p], found[p]) for p in total}
   missing = sorted(set(kernel_paths) - set(total or {}))
   if missing:
     raise ValueError(f'no inputs were seen for {missing[:3]}: the forward pass never multiplies '

@@ -89,7 +89,9 @@ def names_of_config(cfg: ModelConfig) -> Dict[str, Tuple[str, ...]]:
 @functools.lru_cache(maxsize=64)
 def of_config(cfg: ModelConfig) -> Dict[str, Layout]:
   """{path: Layout} for every matmul weight of `Transformer(cfg)` (cached: configs are hashable)."""
-  return {p: of_names(n, p) for p, n in names_of_config(cfg).items() if is_weight(n)}
+  # Biases of multi-dimensional outputs ([heads, head_dim]) have two dims but multiply nothing.
+  return {p: of_names(n, p) for p, n in names_of_config(cfg).items()
+          if is_weight(n) and p.rsplit('/', 1)[-1] != 'bias'}
 
 
 def of_model(model) -> Dict[str, Layout]:
