@@ -1,4 +1,5 @@
-"""Multi-head / grouped-query attention with rotary embeddings, masks and a ring-buffer KV cache."""
+"""Multi-head / grouped-query attention with rotary embeddings, masks and a ring-buffer KV cache
+(stored in a float dtype, or as int8 with a scale per row, slot and key/value head)."""
 
 from typing import NamedTuple, Optional
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from models import axes
-from models.config import ModelConfig
+from models.config import KV_CACHE_DTYPES, ModelConfig
 from models.layers import Linear
 
 
@@ -124,10 +125,52 @@ def chunk_mask(geo: Geometry, length: int, window: Optional[int]) -> jax.Array:
   return mask
 
 
+SCALE_BYTES = 4   # an int8 cache entry ends with the 4 bytes of its float32 scale
+_QMAX = 127       # symmetric int8 grid: -127..127, so that -x is representable whenever x is
+
+
+def quantize_kv(x_BxLxKxH: jax.Array) -> jax.Array:
+  """int8 [B, L, K, H + SCALE_BYTES]: each head vector on a symmetric grid, then its scale.
+
+  scale = absmax over the head / 127 (1 for an all-zero head), so the rounding error of an
+  element is at most scale / 2 and zeros stay exact. The float32 scale is stored bitcast in the
+  last 4 lanes so that an int8 cache is still one array for keys and one for values, sliced and
+  stacked per layer exactly like a float cache.
+  """
+  x_BxLxKxH = x_BxLxKxH.astype(jnp.float32)
+  absmax_BxLxKx1 = jnp.max(jnp.abs(x_BxLxKxH), axis=-1, keepdims=True)
+  scale_BxLxKx1 = jnp.where(absmax_BxLxKx1 > 0, absmax_BxLxKx1 / _QMAX, 1.0)
+  q_BxLxKxH = jnp.clip(jnp.round(x_BxLxKxH / scale_BxLxKx1), -_QMAX, _QMAX).astype(jnp.int8)
+  scale_BxLxKx4 = jax.lax.bitcast_convert_type(scale_BxLxKx1[..., 0], jnp.int8)
+  return jnp.concatenate([q_BxLxKxH, scale_BxLxKx4], axis=-1)
+
+
+def kv_scale(packed_BxSxKxE: jax.Array) -> jax.Array:
+  """The float32 scales [B, S, K] of an int8 cache entry (E = H + SCALE_BYTES)."""
+  return jax.lax.bitcast_convert_type(packed_BxSxKxE[..., -SCALE_BYTES:], jnp.float32)
+
+
+def dequantize_kv(packed_BxSxKxE: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """[B, S, K, H] in `dtype` from `quantize_kv`'s packing: integers times their scale."""
+  q_BxSxKxH = packed_BxSxKxE[..., :-SCALE_BYTES].astype(jnp.float32)
+  return (q_BxSxKxH * kv_scale(packed_BxSxKxE)[..., None]).astype(dtype)
+
+
+def read_cache(cache: jax.Array, dtype) -> jax.Array:
+  """Cached keys or values [B, slots, K, H] in the compute dtype (dequantized if int8).
+
+  Empty slots of an int8 cache hold zero bytes, a zero scale included: they read as zeros.
+  """
+  if cache.dtype == jnp.int8:
+    return dequantize_kv(cache, dtype)
+  return cache.astype(dtype)
+
+
 def write_cache(cache: jax.Array, new_BxLx: jax.Array, slots: jax.Array) -> jax.Array:
   """Writes the chunk's last len(slots) entries into those slots of `cache` [B, slots, ...]."""
-  n = slots.shape[0]
-  return cache.at[:, slots].set(new_BxLx[:, new_BxLx.shape[1] - n:].astype(cache.dtype))
+  new_BxNx = new_BxLx[:, new_BxLx.shape[1] - slots.shape[0]:]
+  new_BxNx = quantize_kv(new_BxNx) if cache.dtype == jnp.int8 else new_BxNx.astype(cache.dtype)
+  return cache.at[:, slots].set(new_BxNx)
 
 
 class Attention(nn.Module):
@@ -168,8 +211,10 @@ class Attention(nn.Module):
       new_kv = None
     else:
       cache_k, cache_v = kv
-      k_BxSxKxH = jnp.concatenate([cache_k.astype(dtype), k_BxLxKxH], axis=1)
-      v_BxSxKxH = jnp.concatenate([cache_v.astype(dtype), v_BxLxKxH], axis=1)
+      # The chunk attends to its own keys and values as computed; only the cached ones pass
+      # through the cache's storage (and so its rounding).
+      k_BxSxKxH = jnp.concatenate([read_cache(cache_k, dtype), k_BxLxKxH], axis=1)
+      v_BxSxKxH = jnp.concatenate([read_cache(cache_v, dtype), v_BxLxKxH], axis=1)
       out_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, cache_mask(geo, cfg.sliding_window))
       new_kv = (write_cache(cache_k, k_BxLxKxH, geo.write_slots),
                 write_cache(cache_v, v_BxLxKxH, geo.write_slots))
@@ -185,15 +230,36 @@ def cache_length(cfg: ModelConfig, max_len: int) -> int:
   return max_len if cfg.sliding_window is None else min(max_len, cfg.sliding_window)
 
 
+def cache_storage(cfg: ModelConfig, kv_cache_dtype: Optional[str] = None) -> str:
+  """The cache's storage: `kv_cache_dtype` (None: the config's), with 'auto' resolved to cfg.dtype.
+
+  A NumPy/JAX dtype (`jnp.bfloat16`) is accepted too, as its name.
+  """
+  name = cfg.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
+  if isinstance(name, type) or isinstance(name, jnp.dtype):
+    name = jnp.dtype(name).name
+  if name not in KV_CACHE_DTYPES:
+    raise ValueError(f'kv_cache_dtype={name!r} is not one of {", ".join(KV_CACHE_DTYPES)}')
+  return cfg.dtype if name == 'auto' else name
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty, fixed-shape KV cache for `batch` rows of up to `max_len` tokens.
 
-  `k`/`v` are [n_layers, B, slots, K, H]; `pos`/`seg` [B, slots] record what each slot
-  holds (segment 0 = empty); `index` counts tokens written so far (slot = index mod slots).
+  `k`/`v` are [n_layers, B, slots, K, H] in `dtype` (one of KV_CACHE_DTYPES, None: the config's
+  `kv_cache_dtype`); an int8 cache stores [n_layers, B, slots, K, H + SCALE_BYTES] (see
+  `quantize_kv`). `pos`/`seg` [B, slots] record what each slot holds (segment 0 = empty);
+  `index` counts tokens written so far (slot = index mod slots).
   """
   length = cache_length(cfg, max_len)
-  dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-  return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+  storage = cache_storage(cfg, dtype)
+  width = cfg.head_dim + (SCALE_BYTES if storage == 'int8' else 0)
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, width)
+  return dict(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage),
               pos=jnp.zeros((batch, length), jnp.int32), seg=jnp.zeros((batch, length), jnp.int32),
               index=jnp.zeros((), jnp.int32))
+
+
+def cache_bytes(cache: dict) -> int:
+  """Bytes held by the cache's arrays (arrays or shape structs), bookkeeping and scales included."""
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))

@@ -10,6 +10,7 @@ ACTIVATIONS = ('silu', 'gelu_tanh', 'gelu')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 DTYPES = ('float32', 'bfloat16', 'float16')
+KV_CACHE_DTYPES = ('auto',) + DTYPES + ('int8',)   # 'auto': the compute dtype
 MOE_DISPATCHES = ('dropless', 'capacity')
 
 # Fields whose None means "derived from the other fields", and how.
@@ -59,6 +60,7 @@ class ModelConfig:
   dtype: str = 'float32'             # compute dtype (bfloat16 on accelerators)
   param_dtype: str = 'float32'       # storage dtype of parameters
   attention_impl: str = 'auto'       # 'auto': cuDNN flash on GPU for bf16/fp16, else XLA
+  kv_cache_dtype: str = 'auto'       # decoding cache storage, one of KV_CACHE_DTYPES (int8: scaled)
   init_std: float = 0.02
   # Mixture-of-Experts (models/moe.py); n_experts=0 is a dense model.
   n_experts: int = 0                 # experts per MoE layer
@@ -103,7 +105,7 @@ class ModelConfig:
                           ('position', POSITIONS),
                           ('activation', ACTIVATIONS), ('remat', REMAT_POLICIES),
                           ('attention_impl', ATTENTION_IMPLS), ('dtype', DTYPES),
-                          ('param_dtype', DTYPES)):
+                          ('param_dtype', DTYPES), ('kv_cache_dtype', KV_CACHE_DTYPES)):
       check(getattr(self, name) in allowed,
             f'{name}={getattr(self, name)!r} is not one of {", ".join(allowed)}')
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import init_cache  # noqa: F401 (re-exported for callers)
+from models.attention import cache_bytes, cache_storage, init_cache  # noqa: F401 (re-exported)
 
 
 class GenerateOutput(NamedTuple):
@@ -62,7 +62,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: Optio
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              rng: Optional[jax.Array] = None, temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
-             pad_id: int = 0) -> GenerateOutput:
+             pad_id: int = 0, kv_cache_dtype: Optional[str] = None) -> GenerateOutput:
   """Continues each prompt by up to `max_new_tokens` tokens (all rows stop at a stop token).
 
   Args:
@@ -75,6 +75,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     top_k, top_p: optional filters before sampling.
     stop_tokens: ids that end a row (the stop token is included in the output).
     pad_id: fills the prompt padding and the output after a row stops.
+    kv_cache_dtype: the KV cache's storage, one of `models.config.KV_CACHE_DTYPES`; None: the
+      model config's `kv_cache_dtype`. 'int8' keeps about a quarter of a float32 cache's bytes.
   """
   cfg = model.config
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -91,23 +93,25 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   if cfg.position == 'learned' and longest + max_new_tokens > cfg.max_len:
     raise ValueError(f'generate: prompt length {longest} + max_new_tokens={max_new_tokens} '
                      f'exceeds the model max_len={cfg.max_len}')
+  storage = cache_storage(cfg, kv_cache_dtype)
   tokens, seg, positions = pad_prompts(prompts, pad_id)
   rng = jax.random.key(0) if rng is None else rng
   return _generate(params, tokens, seg, positions, rng, model=model,
                    max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                   top_p=top_p, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id)
+                   top_p=top_p, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id,
+                   storage=storage)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
-                                             'top_p', 'stop_tokens', 'pad_id'))
+                                             'top_p', 'stop_tokens', 'pad_id', 'storage'))
 def _generate(params, tokens_BxL, seg_BxL, pos_BxL, rng, *, model, max_new_tokens, temperature,
-              top_k, top_p, stop_tokens, pad_id):
+              top_k, top_p, stop_tokens, pad_id, storage):
   b, length = tokens_BxL.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   stops = jnp.asarray(stop_tokens, jnp.int32)
   is_stop = lambda t_B: jnp.isin(t_B, stops) if stop_tokens else jnp.zeros_like(t_B, bool)
 
-  cache = init_cache(model.config, b, length + max_new_tokens)
+  cache = init_cache(model.config, b, length + max_new_tokens, storage)
   logits_BxLxV, cache = model.apply({'params': params}, tokens_BxL, positions=pos_BxL,
                                     segment_ids=seg_BxL, cache=cache)
   tok_B = sample(logits_BxLxV[:, -1], jax.random.fold_in(rng, 0))
