@@ -20,7 +20,7 @@ package must not import JAX.
 
 import importlib
 
-_SUBMODULES = ('calibration', 'gptq', 'grid', 'masks', 'mixed', 'paths', 'pruning',
+_SUBMODULES = ('calibration', 'gptq', 'grid', 'masks', 'mixed', 'paths', 'pruning', 'qat',
                'qtensor', 'quantize', 'report', 'schedules', 'smoothing', 'sparsegpt', 'structural')
 
 

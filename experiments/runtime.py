@@ -74,7 +74,7 @@ class Placement:
     self.rules = sharding.rules_for(config.sharding_rules)
     self.model, self.tx = model, tx
     self.loss = loss if loss is not None else steps.lm_loss(model, config.optimizer.z_loss)
-    self.init = steps.state_init_fn(model, tx, config.data.seq_len)
+    self.init = steps.state_init_fn(model, tx, config.data.seq_len, self.loss)
     self.rng = jax.random.key(config.seed)
     self.abstract = sharding.sharded_abstract(self.init, self.mesh, self.rules, self.rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.abstract)
@@ -85,6 +85,9 @@ class Placement:
         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
+    # Trees of other leaf types (quantized weights) run laid out as they were placed.
+    self.eval_any = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),
+                            out_shardings=repl)
     self.replicated, self._batch_sharding = repl, batch_sh
     self._rows, self._seq_len = config.batch_size, config.data.seq_len
 
@@ -130,11 +133,13 @@ def evaluate_params(config, params, model, tokenizer, placement: Placement,
     raise UserError(f'data config: eval_split={config.data.eval_split!r} of '
                     f'{config.data.name!r} holds no text')
   total = None
+  plain = jax.tree.structure(params) == jax.tree.structure(placement.abstract.params)
+  eval_step = placement.eval_step if plain else placement.eval_any
   with placement.rules_scope():
     for batch in batches:
       if should_stop is not None and should_stop():
         return None
-      sums = placement.eval_step(params, placement.batch(batch), token_bytes)
+      sums = eval_step(params, placement.batch(batch), token_bytes)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return steps.summarize_eval(jax.device_get(total))
 

@@ -2,13 +2,16 @@
 
 The loss is injected (a loss factory, as in nanodo): `train_step(state, batch, token_bytes,
 loss=...)` only calls the loss it is handed. `lm_loss(model, z_loss)` is the language-model loss;
-distillation or quantization-aware training plug in as other factories returning a hashable
-`loss(params, batch, rng) -> (summed total, sums)`, not as new steps.
+distillation or quantization-aware training (`qat_loss`) plug in as other factories returning
+a hashable `loss(params, batch, rng) -> (summed total, sums)`, not as new steps. A loss that
+trains parameters of its own (QAT's learned scales) adds them to the model's with
+`loss.init_params(params)`, which `state_init_fn` calls.
 """
 
 import dataclasses
 import functools
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -17,7 +20,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from compression import schedules
+from compression import qat, schedules
 from models import ModelConfig, Transformer, layouts, moe
 
 TrainState = train_state.TrainState
@@ -47,9 +50,10 @@ def learning_rate_schedule(opt, num_steps: int):
 
 
 def decay_mask(params):
-  """Weight decay on matmul kernels only: not on norms, biases or embedding tables."""
+  """Weight decay on matmul kernels only: not on norms, biases, embedding tables or QAT scales."""
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: k[-1] == 'kernel' for k in flat})
+  return traverse_util.unflatten_dict({k: k[-1] == 'kernel' and k[0] != qat.SCALES
+                                       for k in flat})
 
 
 def make_optimizer(opt, num_steps: int, pruning=None,
@@ -68,17 +72,20 @@ def make_optimizer(opt, num_steps: int, pruning=None,
   return tx
 
 
-def state_init_fn(model: Transformer, tx, seq_len: int):
-  """`rng -> TrainState` with boxed (logically named) params, for `sharding.create_sharded`."""
+def state_init_fn(model: Transformer, tx, seq_len: int, loss=None):
+  """`rng -> TrainState` with boxed (logically named) params, for `sharding.create_sharded`;
+  with the parameters `loss` trains besides the model's (`loss.init_params`), if it has any."""
   def init(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    if hasattr(loss, 'init_params'):
+      params = loss.init_params(params)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   return init
 
 
-def init_state(model: Transformer, tx, seed: int, seq_len: int) -> TrainState:
+def init_state(model: Transformer, tx, seed: int, seq_len: int, loss=None) -> TrainState:
   """An unsharded train state on the default device (tests, benchmarks)."""
-  return nn.meta.unbox(state_init_fn(model, tx, seq_len)(jax.random.key(seed)))
+  return nn.meta.unbox(state_init_fn(model, tx, seq_len, loss)(jax.random.key(seed)))
 
 
 def token_losses(logits_BxLxV, targets_BxL, z_loss: float):
@@ -127,6 +134,21 @@ class LmLoss:
 def lm_loss(model: Transformer, z_loss: float = 0.0) -> LmLoss:
   """The language-model loss factory: the default loss of `train_step` and `eval_step`."""
   return LmLoss(model, float(z_loss))
+
+
+def qat_spec(config) -> Optional[qat.Spec]:
+  """The `compression.qat.Spec` of `config.qat`, or None when QAT is off (bits 0, no section)."""
+  q = config.get('qat')
+  if q is None or not q.bits:
+    return None
+  return qat.Spec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, ranges=q.ranges,
+                  clip=q.clip, act_bits=q.act_bits, include=q.include or None)
+
+
+def qat_loss(model: Transformer, config, base=None) -> qat.Loss:
+  """Quantization-aware training as `config.qat` says, around `base` (default: the LM loss)."""
+  base = base if base is not None else lm_loss(model, config.optimizer.z_loss)
+  return qat.loss(base, qat_spec(config), model)
 
 
 @functools.partial(jax.jit, static_argnames=('loss', 'accum_steps', 'seed'), donate_argnums=0)

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 
 import sharding
+from compression import qat
 from experiments import checkpoints, data, memory, metrics as metrics_lib, steps, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -76,10 +77,15 @@ def _start_state(ckpts, placement: Placement, signature, params_from, params):
   if not given:
     return 0, sharding.create_sharded(placement.init, placement.mesh, placement.rules,
                                       placement.rng), None
-  if params_from is not None:
-    params = checkpoints.restore_params(params_from, placement.abstract.params)
+  abstract = placement.abstract.params
+  add = placement.loss.init_params if isinstance(placement.loss, qat.Loss) else None
+  if params_from is not None:   # a float run's parameters; learned QAT scales start from them
+    params = checkpoints.restore_params(
+        params_from, {k: v for k, v in abstract.items() if k != qat.SCALES})
+    if qat.SCALES in abstract:
+      params = jax.jit(add, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params)
   else:
-    params = placement.place_params(params)
+    params = placement.place_params(add(params) if add is not None else params)
   state_sh = jax.tree.map(lambda x: x.sharding, placement.abstract)
   create = jax.jit(lambda p: steps.TrainState.create(apply_fn=placement.model.apply, params=p,
                                                      tx=placement.tx), out_shardings=state_sh)
@@ -124,6 +130,8 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     wrap_optimizer: `tx -> tx` around the config's optimizer, e.g. frozen pruning masks
       (`compression.schedules.frozen`).
     make_loss: `model -> loss` (see `steps.LmLoss`); default `steps.lm_loss(model, z_loss)`.
+  With `config.qat.bits` > 0 the loss is quantization-aware (`steps.qat_loss` around it) and
+  evaluation and samples run the fake-quantized model, the one `compression.qat.convert` serves.
   """
   workdir = epath.Path(workdir)
   if params is not None and resume == 'params':
@@ -132,9 +140,16 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
   with StopRequest() as stop, workdir_lib.claim(workdir):
     params_from = _set_aside_previous_run(workdir, resume)
     tokenizer, model, tx = setup(config, workdir)
-    if wrap_optimizer is not None:
+    spec = steps.qat_spec(config)
+    if wrap_optimizer is not None and spec is not None and spec.ranges == 'learned':
+      # The wrapper (frozen masks) is written for the model's tree; the scales bypass it.
+      plain = steps.make_optimizer(config.optimizer, config.num_train_steps)
+      tx = qat.split_optimizer(wrap_optimizer(tx), plain)
+    elif wrap_optimizer is not None:
       tx = wrap_optimizer(tx)
     loss = make_loss(model) if make_loss is not None else None   # None: the config's LM loss
+    if spec is not None:
+      loss = steps.qat_loss(model, config, loss)
     signature = workdir_lib.signature(config, tokenizer_sha256(tokenizer))
     saved = workdir_lib.saved_signature(workdir)
     if saved is not None and workdir_lib.checkpoint_steps(workdir):
@@ -182,6 +197,8 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
                f'{flops.param_count(state.params):,}', active, flops_per_token)
 
   recorded = []
+  served = (jax.jit(placement.loss.model_params) if isinstance(placement.loss, qat.Loss)
+            else None)   # QAT: the fake-quantized model is the one evaluated
 
   def save():
     if lead and not recorded:   # binds the workdir to this run from its first checkpoint on
@@ -192,8 +209,9 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
     monitor.last_checkpoint = step
 
   def evaluate():
-    result = _evaluate_and_sample(config, state.params, model, tokenizer, writer, step,
-                                  placement, should_stop=lambda: stop.requested)
+    params = state.params if served is None else served(state.params)
+    result = _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement,
+                                  should_stop=lambda: stop.requested)
     monitor.restart_clock()
     return result
 

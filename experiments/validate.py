@@ -16,6 +16,7 @@ from etils import epath
 
 import compression
 import sharding
+from compression import grid, qat
 from experiments import data, steps
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -42,13 +43,19 @@ def _finite(x) -> bool:
 
 
 def check_kind(config, mode: str) -> None:
-  """A training config for train/eval/sample/benchmark; a pruning config for prune."""
+  """A training config for train/eval/sample/benchmark; a compression config (pruning or
+  quantization: variants of a source run) for prune and quantize."""
   is_training = 'model' in config and 'optimizer' in config
-  if mode == 'prune' and is_training:
-    raise UserError('--mode=prune needs a pruning config such as experiments/configs/prune.py; '
-                    'this is a training config')
-  if mode != 'prune' and not is_training:
-    hint = (' (a pruning config: use --mode=prune)' if 'variants' in config else '')
+  derived = mode in ('prune', 'quantize')
+  kind, name = ('pruning', 'prune') if mode == 'prune' else ('quantization', 'quantize')
+  wanted = f'--mode={mode} needs a {kind} config such as experiments/configs/{name}.py'
+  if derived and is_training:
+    raise UserError(f'{wanted}; this is a training config')
+  if derived and 'variants' not in config:
+    raise UserError(f'{wanted}; this one has no variants')
+  if not derived and not is_training:
+    hint = (' (a pruning or quantization config: use --mode=prune or --mode=quantize)'
+            if 'variants' in config else '')
     what = 'the benchmark' if mode == 'benchmark' else f'--mode={mode}'
     raise UserError(f'{what} needs a training config such as '
                     f'experiments/configs/shakespeare.py; this one has no model/optimizer{hint}')
@@ -81,6 +88,7 @@ def check_fields(config) -> None:
          f'exceeds the model\'s max_len={model_cfg.max_len} (raise config.model.max_len)')
   _check_sample(config.sample, model_cfg)
   _check_pruning(config, model_cfg)
+  _check_qat(config, model_cfg)
 
 
 def _check_optimizer(opt) -> None:
@@ -142,6 +150,26 @@ def _check_pruning(config, model_cfg) -> None:
                              p.include or None)
   except ValueError as e:
     _bad('pruning.include', p.include, f'selects nothing: {e}')
+
+
+def _check_qat(config, model_cfg) -> None:
+  q = config.get('qat')
+  if q is None or (_is_int(q.bits) and q.bits == 0):
+    return
+  if not _is_int(q.bits) or q.bits not in grid.BITS:
+    _bad('qat.bits', q.bits, f'is not one of 0 (off), {", ".join(map(str, grid.BITS))}')
+  try:
+    re.compile(q.include)
+  except (re.error, TypeError) as e:
+    _bad('qat.include', q.include, f'is not a regular expression ({e})')
+  shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  try:
+    qat.check(nn.meta.unbox(shapes), steps.qat_spec(config), layouts.of_config(model_cfg),
+              model_cfg)
+  except ValueError as e:   # messages start with the bad field ('bits=5 ...') or a path
+    field = str(e).split('=')[0]
+    raise UserError(f'config.qat.{e}' if field in q else f'config.qat: {e}') from None
 
 
 def check_mesh(config) -> None:

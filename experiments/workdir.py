@@ -77,7 +77,7 @@ def signature(config, tokenizer_sha256=None) -> dict:
   d = config.data
   spm = d.tokenizer == 'sentencepiece'
   out = dict(
-      model=config.model.to_dict(),
+      model={k: v for k, v in config.model.to_dict().items() if k not in _DECODING_ONLY},
       tokenizer=dict(kind=d.tokenizer, vocab_size=d.vocab_size if spm else None,
                      spm_model_type=d.get('spm_model_type', 'unigram') if spm else None,
                      sha256=tokenizer_sha256),
@@ -86,7 +86,13 @@ def signature(config, tokenizer_sha256=None) -> dict:
       state=dict(optimizer='adamw', gradual_pruning=bool(config.pruning.final_sparsity > 0)))
   if config.get('origin'):   # a run started from another model's parameters (finetune.py)
     out['origin'] = config.origin.to_dict()
+  if config.get('qat') and config.qat.bits:   # what the weights were trained to be rounded to
+    out['qat'] = config.qat.to_dict()
   return out
+
+
+# Model fields that change how a trained model decodes, not what its checkpoints hold.
+_DECODING_ONLY = ('kv_cache_dtype',)
 
 
 def differences(old: dict, new: dict, prefix: str = '') -> list:

@@ -63,6 +63,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.pruning.every = 10              # steps between mask updates on the ramp
   config.pruning.include = ''            # regex over weight paths ('' : all but embeddings/head)
 
+  # Quantization-aware training (compression/qat.py): the loss sees the selected kernels rounded
+  # to their integer grid (straight-through gradients); compression.qat.convert makes the
+  # trained weights integers on that same grid. Evaluation runs the fake-quantized model.
+  config.qat = ml_collections.ConfigDict()
+  config.qat.bits = 0                    # 0: off; else 2, 3, 4 or 8
+  config.qat.group_size = 0              # inputs per scale: k > 0, 0 per output channel, -1 per
+                                         # tensor
+  config.qat.symmetric = True            # False: asymmetric grids with integer zero points
+  config.qat.ranges = 'minmax'           # 'minmax' (fitted to the weights every step) or 'learned'
+                                         # (LSQ scales, trained; start from min-max)
+  config.qat.clip = 1.0                  # fraction of the min-max range kept (outliers clipped)
+  config.qat.act_bits = 0                # 8: int8 inputs per token too (W8A8: needs bits=8,
+                                         # symmetric)
+  config.qat.include = ''                # regex over weight paths ('' : all but embeddings/head/
+                                         # routers)
+
   config.sample = ml_collections.ConfigDict()
   config.sample.num_prompts = 2          # held-out openings continued at each evaluation
   config.sample.prompt_chars = 64        # characters of each opening used as the prompt
