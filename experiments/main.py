@@ -1,8 +1,9 @@
 """Entry point: `python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=DIR`.
 
 --mode picks a runner of `experiments/runners.py`: train (default; resumes from the workdir's
-latest checkpoint), eval, sample (--prompt), prune (experiments/configs/prune.py configs),
-benchmark and compare (against the PyTorch peer; no workdir). Bad input and run-level failures print one line `error: ...` and exit 1
+latest checkpoint), eval, sample (--prompt), prune and quantize (experiments/configs/prune.py
+and quantize.py configs), benchmark, compare (against the PyTorch peer) and decode_benchmark
+(no workdir). Bad input and run-level failures print one line `error: ...` and exit 1
 (see `experiments/cli.py`); `--resume=new|params` starts over in a workdir whose run has another
 configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
@@ -40,6 +41,11 @@ _REMAT = flags.DEFINE_list('remat', [], 'benchmark: remat policies to compare (d
                            f'config\'s); any of {", ".join(["none", *REMAT_POLICIES])}.')
 _PEERS = flags.DEFINE_list('peers', list(runners.Flags.peers), 'compare: PyTorch peer modes '
                            '(eager, compile).')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', list(map(str, runners.Flags.batch_sizes)),
+                                 'decode_benchmark: rows decoded together, e.g. 1,8.')
+_VARIANTS = flags.DEFINE_list('variants', list(runners.Flags.variants),
+                              'decode_benchmark: float and round-to-nearest quantization specs '
+                              '(experiments/quantize.py), e.g. float,rtn:int8,rtn:int4:g128.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -57,8 +63,14 @@ def main(argv):
     raise UserError(f'unexpected arguments {argv[1:]}')
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   cli.check_is_config(config, flags.FLAGS['config'].config_filename)
+  try:
+    batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
+  except ValueError:
+    raise UserError(f'--batch_sizes={",".join(_BATCH_SIZES.value)} must be integers') from None
   given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, steps=_STEPS.value,
-                        vocab_size=_VOCAB.value, remat=tuple(_REMAT.value), peers=tuple(_PEERS.value))
+                        vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
+                        peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
+                        variants=tuple(_VARIANTS.value))
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:

@@ -20,26 +20,22 @@ Variant specs (comma-separated in `config.variants`):
   ffn:0.25  heads:0.5  layers:1  experts:0.25                         structural (removed)
 """
 
-import json
 import logging
 import math
 import os
-import re
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from etils import epath
 
 import compression
 from compression import structural
-from experiments import data, finetune, runtime, steps, validate
+from experiments import finetune, source, steps, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
-from models import Transformer, hf, layouts, unstack_layers
+from models import Transformer, layouts
 
 STRUCTURAL = structural.KINDS
 
@@ -77,20 +73,6 @@ def parse_variant(spec: str) -> dict:
   raise UserError(f'variant {spec!r}: use method:sparsity or method:N:M')
 
 
-def source_config(source_workdir) -> ml_collections.ConfigDict:
-  path = epath.Path(source_workdir) / 'config.json'
-  if not path.is_file():
-    raise UserError(f'config.source_workdir={str(source_workdir)!r} has no config.json: train '
-                    f'there first (or point it at a training run)')
-  return ml_collections.ConfigDict(workdir_lib.read_json(path, 'the source run\'s config'))
-
-
-def _positive_int(config, name: str, minimum: int = 1) -> None:
-  value = config[name]
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    raise UserError(f'config.{name}={value!r} must be an integer >= {minimum}')
-
-
 def check(config, workdir):
   """Validates a pruning config, its workdir and its source before any work is done.
 
@@ -101,32 +83,15 @@ def check(config, workdir):
   variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
   if not variants:
     raise UserError('config.variants is empty: name at least one, e.g. wanda:0.5')
-  for name in ('calibration_batches', 'calibration_rows', 'rounds'):
-    _positive_int(config, name)
-  _positive_int(config, 'finetune_steps', 0)
-  _positive_int(config, 'seed', 0)
+  source.positive_int(config, 'rounds')
+  source.positive_int(config, 'finetune_steps', 0)
   if config.importance not in structural.IMPORTANCE:
     raise UserError(f'config.importance={config.importance!r} is not one of '
                     f'{", ".join(structural.IMPORTANCE)}')
   lr = config.finetune_learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     raise UserError(f'config.finetune_learning_rate={lr!r} must be a finite number > 0')
-  src = source_config(config.source_workdir)
-  validate.check_kind(src, 'train')
-  validate.check_fields(src)
-  validate.check_mesh(on_mesh(config, src))
-  data.check_available(src.data)
-  if config.get('hf_path'):
-    try:
-      cfg = hf.config_from_pretrained(config.hf_path)
-    except (OSError, ValueError, KeyError) as e:
-      raise UserError(f'config.hf_path={config.hf_path!r}: {e}') from None
-  else:
-    validate.check_run(src, epath.Path(config.source_workdir))
-    cfg = steps.model_config(src, src.data.vocab_size)
-  cfg = cfg.replace(scan_layers=False)
-  shapes = nn.meta.unbox(jax.eval_shape(lambda: Transformer(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']))
+  src, cfg, shapes = source.check(config, workdir, 'prune')
   for v in variants:
     try:
       if 'kind' in v:
@@ -136,44 +101,7 @@ def check(config, workdir):
                                   scope=v['scope'], layouts=layouts.of_config(cfg))
     except ValueError as e:
       raise UserError(f'variant {v["spec"]!r}: {e}') from None
-  workdir = epath.Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise UserError(f'--workdir={workdir} is a file, not a directory')
-  if os.path.abspath(str(workdir)) == os.path.abspath(str(config.source_workdir)):
-    raise UserError(f'--workdir={workdir} is the source run: pruning writes its results '
-                    f'elsewhere and never touches the source')
-  validate.check_writable(workdir)
-  return on_mesh(config, src), variants
-
-
-def on_mesh(config, src) -> ml_collections.ConfigDict:
-  """The source run's config with this runner's mesh and rules (unset ones: the source's)."""
-  out = ml_collections.ConfigDict(src.to_dict())
-  for name, size in config.mesh.items():
-    if name == 'dcn':
-      out.mesh.dcn.update({k: v for k, v in size.items() if v is not None})
-    elif size is not None:
-      out.mesh[name] = size
-  if config.sharding_rules:
-    out.sharding_rules = config.sharding_rules
-  return out
-
-
-def _batches(config, src, tokenizer, n: int, seed: int):
-  it = data.train_iterator(src.data, tokenizer, batch_size=config.calibration_rows, seed=seed)
-  return [jax.tree.map(jnp.asarray, next(it)) for _ in range(n)]
-
-
-def forward_ms(model, params, batch, repeats: int = 5) -> float:
-  """Median wall time of the jitted forward pass on `batch`, in milliseconds."""
-  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  jax.block_until_ready(fwd(params, batch['inputs']))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd(params, batch['inputs']))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  return src, variants
 
 
 def _finetune(config, src, workdir, name: str, model, params, masks, n_steps: int,
@@ -185,18 +113,6 @@ def _finetune(config, src, workdir, name: str, model, params, masks, n_steps: in
       seed=config.seed + 1, origin=origin)
   sub = epath.Path(workdir) / 'finetune' / name
   return finetune.run(sub_config, sub, params, masks, config.source_workdir), sub_config, sub
-
-
-def slug(spec: str) -> str:
-  """A variant spec as a folder name: 'wanda:2:4' -> 'wanda-2-4'."""
-  return re.sub(r'[^A-Za-z0-9_.]+', '-', spec.strip()).strip('-')
-
-
-def _evaluate(src, model, params, tokenizer) -> float:
-  placement = runtime.Placement(src, model, steps.make_optimizer(src.optimizer, 1))
-  layout = jax.tree.map(lambda x: x.sharding, placement.abstract.params)
-  return runtime.evaluate_params(src, jax.device_put(params, layout), model, tokenizer,
-                               placement)['nats_per_byte']
 
 
 def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2'):
@@ -224,25 +140,14 @@ def run(config, workdir) -> list:
 
 
 def _run(config, workdir, src, variants) -> list:
-  if config.get('hf_path'):   # a Hugging Face checkpoint, evaluated on the source run's data
-    tokenizer, _, _ = runtime.setup(src, config.source_workdir)
-    model, params = hf.from_pretrained(config.hf_path)
-    step = 0
-    if model.config.vocab_size < tokenizer.vocab_size:
-      raise UserError(f'{config.hf_path}: vocab_size={model.config.vocab_size} is smaller than '
-                      f'the {tokenizer.vocab_size} ids of the source run\'s tokenizer')
-  else:
-    step, model, tokenizer, params, _ = runtime.load_params(src, config.source_workdir)
-  if model.config.scan_layers:   # calibration and structural pruning see one block at a time
-    params = unstack_layers(params, model.config)
-    model = Transformer(model.config.replace(scan_layers=False))
-  params = jax.device_get(params)
+  step, model, tokenizer, params = source.load(config, src)
   logging.info('loaded %s at step %d', config.source_workdir, step)
-  calib = _batches(config, src, tokenizer, config.calibration_batches, config.seed)
+  calib = source.calibration_batches(config, src, tokenizer, config.calibration_batches,
+                                     config.seed)
   timing_batch = calib[0]
   rows = [dict(variant='dense', params=_count(params), nonzero=_count(params, nonzero=True),
-               nats_per_byte=_evaluate(src, model, params, tokenizer),
-               forward_ms=forward_ms(model, params, timing_batch),
+               nats_per_byte=source.evaluate(src, model, params, tokenizer),
+               forward_ms=source.forward_ms(model, params, timing_batch),
                **_report(model, params, src.data.seq_len))]
   logging.info('dense: %s', rows[0])
   grads_fn = lambda: compression.calibration.gradients(
@@ -261,7 +166,7 @@ def _run(config, workdir, src, variants) -> list:
       for r in range(1, config.rounds):
         step_v = dict(v, sparsity=1 - (1 - v['sparsity']) ** (r / config.rounds))
         _, start, mask_tree = apply_variant(step_v, model, start, calib, grads_fn)
-        _, sub_config, sub = _finetune(config, src, workdir, f'{slug(v["spec"])}-round{r}',
+        _, sub_config, sub = _finetune(config, src, workdir, f'{source.slug(v["spec"])}-round{r}',
                                        model, start, mask_tree, config.finetune_steps or 50,
                                        dict(origin, variant=v['spec'], stage=f'round {r}'))
         start = finetune.trained_params(sub_config, sub)
@@ -269,11 +174,11 @@ def _run(config, workdir, src, variants) -> list:
                                                      config.importance)
     row = dict(variant=v['spec'], prune_s=time.perf_counter() - t0, params=_count(new_params),
                nonzero=_count(new_params, nonzero=True),
-               nats_per_byte=_evaluate(src, new_model, new_params, tokenizer),
-               forward_ms=forward_ms(new_model, new_params, timing_batch),
+               nats_per_byte=source.evaluate(src, new_model, new_params, tokenizer),
+               forward_ms=source.forward_ms(new_model, new_params, timing_batch),
                **_report(new_model, new_params, src.data.seq_len))
     if config.finetune_steps:
-      tuned, _, _ = _finetune(config, src, workdir, slug(v['spec']), new_model, new_params,
+      tuned, _, _ = _finetune(config, src, workdir, source.slug(v['spec']), new_model, new_params,
                               mask_tree, config.finetune_steps,
                               dict(origin, variant=v['spec'], stage='final'))
       row['finetuned_nats_per_byte'] = tuned['nats_per_byte']
@@ -299,8 +204,6 @@ def _count(params, nonzero: bool = False) -> int:
 
 
 def _write(workdir: epath.Path, config, rows) -> None:
-  """results.json and results.md, each written to a temporary name and renamed into place."""
-  workdir.mkdir(parents=True, exist_ok=True)
   dense = rows[0]['nats_per_byte']
   tuned = any('finetuned_nats_per_byte' in r for r in rows)
   head = ('| variant | params | non-zero | sparsity | MFLOP/token (effective) | nats/byte | '
@@ -315,10 +218,4 @@ def _write(workdir: epath.Path, config, rows) -> None:
       cells.append('' if ft is None else f'{ft:.4f}')
     cells.append(f"{r['forward_ms']:.1f}")
     lines.append('| ' + ' | '.join(cells) + ' |')
-  for name, text in (('results.json', json.dumps(dict(config=config.to_dict(), rows=rows),
-                                                   indent=2)),
-                     ('results.md', '\n'.join(lines) + '\n')):
-    tmp = workdir / (name + '.tmp')
-    tmp.write_text(text)
-    tmp.replace(workdir / name)
-
+  source.write_results(workdir, config, rows, '\n'.join(lines) + '\n')

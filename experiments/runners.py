@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import benchmark, compare, prune, runtime, train
+from experiments import benchmark, compare, decode_benchmark, prune, quantize, runtime, train
 from experiments.errors import UserError
 
 
@@ -27,6 +27,8 @@ class Flags:
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
+  batch_sizes: tuple = (1, 8)          # decode_benchmark: rows decoded together
+  variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,18 @@ def _prune(config, workdir, flags: Flags):
   return (epath.Path(workdir) / 'results.md').read_text()
 
 
+def _quantize(config, workdir, flags: Flags):
+  quantize.run(config, workdir)
+  return (epath.Path(workdir) / 'results.md').read_text()
+
+
 def _benchmark(config, workdir, flags: Flags):
   benchmark.run(config, flags.steps, flags.vocab_size, flags.remat)   # prints as it measures
+
+
+def _decode_benchmark(config, workdir, flags: Flags):
+  return decode_benchmark.run(config, flags.steps, flags.batch_sizes, flags.variants,
+                              flags.vocab_size)
 
 
 def _compare(config, workdir, flags: Flags):
@@ -72,12 +84,18 @@ RUNNERS = {
                      flags=('prompt',)),
     'prune': Runner(_prune, 'prunes a trained run: experiments/configs/prune.py configs',
                     distributed=False),
+    'quantize': Runner(_quantize, 'quantizes a trained run: experiments/configs/quantize.py '
+                       'configs', distributed=False),
     'benchmark': Runner(_benchmark, 'times the train step on synthetic batches (no workdir)',
                         flags=('steps', 'vocab_size', 'remat'), needs_workdir=False,
                         distributed=False),
     'compare': Runner(_compare, 'times the train step back to back with the PyTorch peer '
                       '(experiments/peer.py)', flags=('steps', 'vocab_size', 'peers'),
                       needs_workdir=False, distributed=False),
+    'decode_benchmark': Runner(_decode_benchmark, 'times decoding with float and quantized '
+                               'random weights (experiments/decode_benchmark.py)',
+                               flags=('steps', 'vocab_size', 'batch_sizes', 'variants'),
+                               needs_workdir=False, distributed=False),
 }
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from compression import schedules
 from experiments import data, finetune, prune, runtime, steps, train
+from experiments import source as source_lib
 from experiments import workdir as workdir_lib
 from experiments.configs import prune as prune_configs
 from experiments.errors import UserError
@@ -56,7 +57,7 @@ def traces(monkeypatch):
 
 def one_device_losses(source, sub, spec: str, n_steps: int) -> dict:
   """The fine-tune as a plain loop on one device: the run's config, the runner's pruning."""
-  src = prune.source_config(source)
+  src = source_lib.source_config(source)
   _, model, _, params, _ = runtime.load_params(src, source)
   _, pruned, masks = prune.apply_variant(prune.parse_variant(spec), model,
                                          jax.device_get(params), None, None)
@@ -149,7 +150,7 @@ def _tree_digest(root: pathlib.Path) -> str:
 
 
 def test_prune_runner_end_to_end_leaves_the_source_untouched(source, tmp_path):
-  config = prune.source_config(source)
+  config = source_lib.source_config(source)
   before = _tree_digest(source)
 
   pc = prune_configs.get_config('sweep')

@@ -9,8 +9,9 @@ Fine-tunes (`finetune_steps`, and between `rounds`) are training runs in
 command runs again.
 Variants: a method and amount, e.g. `wanda_50`, `sparsegpt_2of4`, `magnitude_70`, `ffn_25`,
 `heads_50`; `sweep` (magnitude/Wanda/SparseGPT at 30/50/70%, 4:8 and 2:4); `structural` (25%
-and 50% of FFN neurons and of heads, each fine-tuned briefly). Any list can be given with
---config.variants=wanda:0.5,sparsegpt:2:4 (see experiments/prune.py for the spec syntax).
+and 50% of FFN neurons and of heads, each fine-tuned briefly); `testbed` (magnitude and Wanda at
+50% and 2:4 on the default model with planted outlier features, `config.outliers`). Any list
+can be given with --config.variants=wanda:0.5,sparsegpt:2:4 (see experiments/prune.py).
 The source checkpoint is only read.
 """
 
@@ -22,6 +23,7 @@ import sharding
 SWEEP = ','.join([f'{m}:{s}' for m in ('magnitude', 'wanda', 'sparsegpt')
                   for s in ('0.3', '0.5', '0.7', '4:8', '2:4')])
 STRUCTURAL = 'ffn:0.25,ffn:0.5,heads:0.25,heads:0.5'
+TESTBED = 'magnitude:0.5,wanda:0.5,magnitude:2:4,wanda:2:4'   # on planted outlier features
 
 
 def _named(arg: str) -> str:
@@ -31,7 +33,7 @@ def _named(arg: str) -> str:
     n, m = amount.split('of')
     return f'{method}:{n}:{m}'
   if not method or not amount.isdigit():
-    raise ValueError(f'unknown variant {arg!r} of prune.py; known: sweep, structural, or '
+    raise ValueError(f'unknown variant {arg!r} of prune.py; known: sweep, structural, testbed, or '
                      f'method_percent (wanda_50) / method_NofM (sparsegpt_2of4)')
   return f'{method}:{int(amount) / 100}' if method != 'layers' else f'{method}:{amount}'
 
@@ -40,8 +42,8 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source_workdir = 'runs/shakespeare'   # a training run: config.json + checkpoints/
   config.hf_path = ''                 # optional: prune this HF checkpoint instead (same tokenizer)
-  config.variants = SWEEP if arg == 'sweep' else STRUCTURAL if arg == 'structural' else (
-      _named(arg))
+  config.variants = (SWEEP if arg == 'sweep' else STRUCTURAL if arg == 'structural' else
+                     TESTBED if arg == 'testbed' else _named(arg))
   config.calibration_batches = 8      # batches of calibration_rows training rows
   config.calibration_rows = 16
   config.importance = 'l2'            # structural ranking: l1, l2 or taylor
@@ -49,11 +51,23 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config.rounds = 1                   # > 1: iterative pruning, fine-tuning between rounds
   config.finetune_learning_rate = 3e-4
   config.seed = 0
+  config.outliers = outliers(4 if arg == 'testbed' else 0)   # the outlier testbed
   # Where evaluations and fine-tunes run (fine-tunes are training runs in
   # <workdir>/finetune/<variant>/). Unset sizes and '' keep the source run's mesh and rules.
   config.mesh = _unset(sharding.default_mesh_config())   # e.g. --config.mesh.fsdp=4
   config.sharding_rules = ''          # a preset of sharding/rules.py, e.g. fsdp
   return config
+
+
+def outliers(channels: int) -> ml_collections.ConfigDict:
+  """The outlier testbed (compression.smoothing.plant_outliers): `channels` embed channels at
+  every norm's output scaled up by `factor` and the following kernels' input rows down by it,
+  so the float function is unchanged but the activations have outlier features as large LLMs'
+  do. 0 channels: off."""
+  out = ml_collections.ConfigDict()
+  out.channels = channels
+  out.factor = 50.0
+  return out
 
 
 def _unset(mesh: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
