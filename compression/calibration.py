@@ -197,6 +197,15 @@ def execution_order(model, params, batch, paths_) -> list:
   return list(rec.stats)
 
 
+def blocks(model, params, batch, paths_) -> list:
+  """`paths_` grouped by top-level module (a block), in the order the forward pass reaches them:
+  what layer-by-layer methods (SparseGPT, GPTQ) visit, each block seeing the earlier ones done."""
+  groups = {}
+  for p in execution_order(model, params, batch, paths_):
+    groups.setdefault(p.split('/')[0], []).append(p)
+  return list(groups.values())
+
+
 def input_statistics(model, params, batches, kernel_paths, gram: bool = False,
                      absmax: bool = False, abssum: bool = False) -> dict:
   """{path: {'sq': [stack..., in], 'tokens': [stack...], and if asked 'gram': [stack..., in, in],

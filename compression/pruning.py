@@ -144,20 +144,11 @@ def check(params, method: str, sparsity: float = 0.5, *, nm=None, scope: str = '
   return selected
 
 
-def _blocks(model, params, batch, selected):
-  """Selected paths grouped by top-level module, in the order the forward pass reaches them."""
-  order = calibration.execution_order(model, params, batch, selected)
-  groups = {}
-  for p in order:
-    groups.setdefault(p.split('/')[0], []).append(p)
-  return list(groups.values())
-
-
 def _block_by_block(params, spec: Method, sparsity, nm, selected, model, layouts, batches,
                     options):
   flat = paths.flatten(params)
   keep = {}
-  for group in _blocks(model, params, batches[0], selected):
+  for group in calibration.blocks(model, params, batches[0], selected):
     stats = calibration.input_statistics(model, paths.unflatten(flat), batches, group,
                                          gram=spec.needs == 'gram')
     for p in group:

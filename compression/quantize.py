@@ -130,7 +130,8 @@ def quantize(params, method: str = 'rtn', bits: int = 8, *, group_size: int = 0,
   options = dict(bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
                  act_order=act_order, block_size=block_size, dampening=dampening)
   flat = paths.flatten(params)
-  groups = _blocks(model, params, batches[0], selected) if calibrated else [selected]
+  groups = (calibration.blocks(model, params, batches[0], selected) if calibrated
+            else [selected])
   for group in groups:
     stats = {}
     if calibrated:
@@ -160,15 +161,6 @@ def _one(w, layout, spec: Method, stats, options, act: str) -> qtensor.QTensor:
   return qtensor.from_codes(q, scale, None if options['symmetric'] else zero, layout, w.shape,
                             bits=options['bits'], group_size=options['group_size'],
                             dtype=w.dtype, act=act, act_scale=act_scale)
-
-
-def _blocks(model, params, batch, selected):
-  """Selected paths grouped by top-level module, in the order the forward pass reaches them."""
-  order = calibration.execution_order(model, params, batch, selected)
-  groups = {}
-  for p in order:
-    groups.setdefault(p.split('/')[0], []).append(p)
-  return list(groups.values())
 
 
 def weight_bytes(params) -> int:

@@ -33,7 +33,6 @@ from etils import epath
 import compression
 from compression import structural
 from experiments import finetune, source, steps, validate
-from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -133,17 +132,11 @@ def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2
 
 def run(config, workdir) -> list:
   """Runs every variant; returns the result rows (also written to results.json / results.md)."""
-  workdir = epath.Path(workdir)
-  src, variants = check(config, workdir)
-  with workdir_lib.claim(workdir):
-    return _run(config, workdir, src, variants)
+  return source.run(config, workdir, check, _run)
 
 
 def _run(config, workdir, src, variants) -> list:
-  step, model, tokenizer, params = source.load(config, src)
-  logging.info('loaded %s at step %d', config.source_workdir, step)
-  calib = source.calibration_batches(config, src, tokenizer, config.calibration_batches,
-                                     config.seed)
+  step, model, tokenizer, params, calib = source.start(config, src)
   timing_batch = calib[0]
   rows = [dict(variant='dense', params=_count(params), nonzero=_count(params, nonzero=True),
                nats_per_byte=source.evaluate(src, model, params, tokenizer),

@@ -39,7 +39,6 @@ from etils import epath
 from compression import grid, mixed, paths, qat, qtensor, quantize as quantize_lib, smoothing
 from experiments import data, finetune, source, steps
 from experiments.configs import base
-from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from models import decode, layouts
 from models.config import KV_CACHE_DTYPES
@@ -124,17 +123,11 @@ def check(config, workdir):
 
 def run(config, workdir) -> list:
   """Runs every variant; returns the result rows (also written to results.json / results.md)."""
-  workdir = epath.Path(workdir)
-  src, variants = check(config, workdir)
-  with workdir_lib.claim(workdir):
-    return _run(config, workdir, src, variants)
+  return source.run(config, workdir, check, _run)
 
 
 def _run(config, workdir, src, variants) -> list:
-  step, model, tokenizer, params = source.load(config, src)
-  logging.info('loaded %s at step %d', config.source_workdir, step)
-  calib = source.calibration_batches(config, src, tokenizer, config.calibration_batches,
-                                     config.seed)
+  step, model, tokenizer, params, calib = source.start(config, src)
   float_bytes = quantize_lib.weight_bytes(params)
   rows = [dict(variant='float', nats_per_byte=source.evaluate(src, model, params, tokenizer),
                weight_bytes=float_bytes, forward_ms=source.forward_ms(model, params, calib[0]))]

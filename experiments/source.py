@@ -7,6 +7,7 @@ parameters unrolled, calibration batches, evaluation and forward timing of any p
 """
 
 import json
+import logging
 import os
 import re
 import time
@@ -97,6 +98,15 @@ def check(config, workdir, mode: str):
   return on_mesh(config, src), cfg, shapes
 
 
+def run(config, workdir, check_fn, run_fn):
+  """`run_fn(config, workdir, src, variants)` after `check_fn(config, workdir) -> (src,
+  variants)` found nothing wrong, holding the workdir's lock (a runner's `run`)."""
+  workdir = epath.Path(workdir)
+  src, variants = check_fn(config, workdir)
+  with workdir_lib.claim(workdir):
+    return run_fn(config, workdir, src, variants)
+
+
 def load(config, src):
   """(step, model, tokenizer, host parameters), unrolled: calibration sees one block at a time;
   with `config.outliers.channels`, outlier features planted (`compression.smoothing`)."""
@@ -117,6 +127,14 @@ def load(config, src):
     params = smoothing.plant_outliers(params, model.config, config.outliers.channels,
                                       config.outliers.factor, seed=config.seed)
   return step, model, tokenizer, params
+
+
+def start(config, src):
+  """(step, model, tokenizer, parameters, calibration batches) of a runner's source."""
+  step, model, tokenizer, params = load(config, src)
+  logging.info('loaded %s at step %d', config.source_workdir, step)
+  calib = calibration_batches(config, src, tokenizer, config.calibration_batches, config.seed)
+  return step, model, tokenizer, params, calib
 
 
 def calibration_batches(config, src, tokenizer, n: int, seed: int):

@@ -38,6 +38,17 @@ def data_dir(tmp_path_factory):
 
 # Shared tiny-model helpers for every test module (`from tests.conftest import init_params`).
 
+@pytest.fixture(scope='module')
+def source(tmp_path_factory, data_dir):
+  """A tiny trained run (4 steps, one checkpoint) for the compression runners to read."""
+  from experiments import train
+  from tests.runs import tiny_config
+  workdir = tmp_path_factory.mktemp('source')
+  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4, checkpoint_every=4,
+                                       eval_every=4), workdir)
+  return workdir
+
+
 def init_params(cfg, seed: int = 0):
   """Unboxed parameters of `Transformer(cfg)` (unrolled or scanned, as `cfg` says)."""
   import flax.linen as nn

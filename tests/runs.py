@@ -1,5 +1,6 @@
 """Helpers for tests that train: the tiny config, the CLI in a subprocess, logged losses."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -21,6 +22,15 @@ def tiny_config(data_dir, **changes) -> ml_collections.ConfigDict:
   config.sample.num_prompts = 0
   config.update(changes)
   return config
+
+
+def tree_digest(root: pathlib.Path) -> str:
+  """One hash of every file's name and bytes below `root` (to show a source is left untouched)."""
+  h = hashlib.sha256()
+  for f in sorted(root.rglob('*')):
+    if f.is_file():
+      h.update(str(f.relative_to(root)).encode() + f.read_bytes())
+  return h.hexdigest()
 
 
 def cli_env(extra=None) -> dict:

@@ -5,9 +5,7 @@ checkpointed and logged in <workdir>/finetune/<variant>/, continued when the com
 again, and started over (the old one archived) when their starting point changed.
 """
 
-import hashlib
 import json
-import pathlib
 import signal
 
 import jax
@@ -23,16 +21,7 @@ from experiments import workdir as workdir_lib
 from experiments.configs import prune as prune_configs
 from experiments.errors import UserError
 from models import ModelConfig, hf
-from tests.runs import losses, records, tiny_config
-
-
-@pytest.fixture(scope='module')
-def source(tmp_path_factory, data_dir):
-  """A tiny trained run to prune (4 steps, one checkpoint)."""
-  workdir = tmp_path_factory.mktemp('source')
-  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4, checkpoint_every=4,
-                                       eval_every=4), workdir)
-  return workdir
+from tests.runs import losses, records, tiny_config, tree_digest
 
 
 def prune_config(source, **changes):
@@ -141,17 +130,9 @@ def test_bad_variant_specs_are_one_clear_error(spec, match):
     prune.parse_variant(spec)
 
 
-def _tree_digest(root: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  for f in sorted(root.rglob('*')):
-    if f.is_file():
-      h.update(str(f.relative_to(root)).encode() + f.read_bytes())
-  return h.hexdigest()
-
-
 def test_prune_runner_end_to_end_leaves_the_source_untouched(source, tmp_path):
   config = source_lib.source_config(source)
-  before = _tree_digest(source)
+  before = tree_digest(source)
 
   pc = prune_configs.get_config('sweep')
   pc.update(source_workdir=str(source), variants='wanda:2:4,ffn:0.5',
@@ -165,7 +146,7 @@ def test_prune_runner_end_to_end_leaves_the_source_untouched(source, tmp_path):
   saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
   assert saved['rows'] == json.loads(json.dumps(rows))
   assert (tmp_path / 'out' / 'results.md').read_text().startswith('| variant |')
-  assert _tree_digest(source) == before
+  assert tree_digest(source) == before
 
   assert rows[1]['sparsity'] == pytest.approx(0.5, abs=1e-3)
   assert rows[1]['effective_flops_per_token'] < rows[0]['effective_flops_per_token']
@@ -175,7 +156,7 @@ def test_prune_runner_end_to_end_leaves_the_source_untouched(source, tmp_path):
   pc.update(variants='magnitude:0.5', rounds=2)   # iterative: 29% then 50%, fine-tuned between
   rows = prune.run(pc, tmp_path / 'iterative')
   assert rows[1]['sparsity'] == pytest.approx(0.5, abs=1e-3)
-  assert _tree_digest(source) == before
+  assert tree_digest(source) == before
 
   # The same weights as a Hugging Face checkpoint prune through the same path.
   _, model, _, params, _ = runtime.load_params(config, source)

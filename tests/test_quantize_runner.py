@@ -1,9 +1,7 @@
 """The quantization runner (experiments/quantize.py) and the decode benchmark, end to end on a
 tiny trained run: result rows, integer checkpoints, the source left untouched, one-line errors."""
 
-import hashlib
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -11,19 +9,10 @@ import pytest
 
 from compression import qtensor
 from compression import quantize as quantize_lib
-from experiments import decode_benchmark, quantize, runners, train
+from experiments import decode_benchmark, quantize, runners
 from experiments.configs import quantize as quantize_configs
 from experiments.errors import UserError
-from tests.runs import tiny_config
-
-
-@pytest.fixture(scope='module')
-def source(tmp_path_factory, data_dir):
-  """A tiny trained run to quantize (4 steps, one checkpoint)."""
-  workdir = tmp_path_factory.mktemp('source')
-  train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4, checkpoint_every=4,
-                                       eval_every=4), workdir)
-  return workdir
+from tests.runs import tiny_config, tree_digest
 
 
 def config_for(source, variants, **changes):
@@ -33,19 +22,11 @@ def config_for(source, variants, **changes):
   return config
 
 
-def digest(root: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  for f in sorted(root.rglob('*')):
-    if f.is_file():
-      h.update(str(f.relative_to(root)).encode() + f.read_bytes())
-  return h.hexdigest()
-
-
 def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, tmp_path):
-  before = digest(source)
+  before = tree_digest(source)
   variants = 'rtn:int8,gptq:int4:g16:act,awq:int4:g16,smoothquant:w8a8,rtn:int2:g16:asym:mse'
   rows = quantize.run(config_for(source, variants), tmp_path)
-  assert digest(source) == before
+  assert tree_digest(source) == before
   assert [r['variant'] for r in rows] == ['float'] + variants.split(',')
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['rows'] == json.loads(json.dumps(rows))
