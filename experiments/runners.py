@@ -113,8 +113,9 @@ def check_flags(name: str, flags: Flags, workdir) -> None:
     if field.name not in runner.flags and value != field.default:
       users = [n for n, r in RUNNERS.items() if field.name in r.flags]
       shown = ','.join(value) if isinstance(value, tuple) else value
-      raise UserError(f'--{field.name}={shown} applies to '
-                      f'{" and ".join(f"--mode={n}" for n in users)} only')
+      modes = [f'--mode={n}' for n in users]
+      listed = ' and '.join([', '.join(modes[:-1]), modes[-1]] if len(modes) > 1 else modes)
+      raise UserError(f'--{field.name}={shown} applies to {listed} only')
   if runner.needs_workdir and not workdir:
     raise UserError(f'--mode={name} needs --workdir')
   if not runner.needs_workdir and workdir:

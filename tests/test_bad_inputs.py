@@ -113,7 +113,8 @@ CASES = [
     case('flag-prompt-not-sample', TRAIN + ['--prompt=hi'],
          '--prompt=hi applies to --mode=sample only'),
     case('flag-steps-not-benchmark', TRAIN + ['--steps=3'],
-         '--steps=3 applies to --mode=benchmark and --mode=compare only'),
+         '--steps=3 applies to --mode=benchmark, --mode=compare and --mode=decode_benchmark '
+         'only'),
     case('flag-no-workdir', TINY, 'workdir'),
     case('flag-extra-argument', TRAIN + ['extra'], "unexpected arguments ['extra']"),
     case('flag-resume', TRAIN + ['--resume=sometimes'], 'resume'),

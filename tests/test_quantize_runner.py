@@ -24,7 +24,7 @@ def config_for(source, variants, **changes):
 
 def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, tmp_path):
   before = tree_digest(source)
-  variants = 'rtn:int8,gptq:int4:g16:act,awq:int4:g16,smoothquant:w8a8,rtn:int2:g16:asym:mse'
+  variants = 'rtn:int8,gptq:int4:g16:act,awq:int2:g16:asym,smoothquant:w8a8'
   rows = quantize.run(config_for(source, variants), tmp_path)
   assert tree_digest(source) == before
   assert [r['variant'] for r in rows] == ['float'] + variants.split(',')
@@ -33,7 +33,7 @@ def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, tmp_pat
   assert (tmp_path / 'results.md').read_text().startswith('| variant |')
   for r in rows:
     assert np.isfinite(r['nats_per_byte']) and r['weight_bytes'] > 0
-  int8, int4, int2 = rows[1], rows[2], rows[5]
+  int8, int4, int2 = rows[1], rows[2], rows[3]
   assert 0.25 < int8['quantized_bytes'] / int8['quantized_float_bytes'] < 0.3
   assert int4['quantized_bytes'] < 0.7 * int8['quantized_bytes']   # a float scale per 16
   assert int2['quantized_bytes'] < int4['quantized_bytes']
@@ -76,10 +76,10 @@ def test_the_source_run_is_never_the_workdir(source):
 
 
 def test_decode_benchmark_times_float_and_quantized_weights(data_dir):
-  text = runners.run('decode_benchmark', tiny_config(data_dir), steps=3, batch_sizes=(1, 2),
-                     variants=('float', 'rtn:int8', 'rtn:int4:g16', 'rtn:w8a8'))
+  text = runners.run('decode_benchmark', tiny_config(data_dir), steps=3, batch_sizes=(2,),
+                     variants=('float', 'rtn:int4:g16', 'rtn:w8a8'))
   rows = [l for l in text.splitlines() if l.startswith('| rtn') or l.startswith('| float')]
-  assert len(rows) == 8 and all(r.endswith('x |') for r in rows)
+  assert len(rows) == 3 and all(r.endswith('x |') for r in rows)
   with pytest.raises(UserError, match='needs calibration data'):
     decode_benchmark.run(tiny_config(data_dir), 3, (1,), ('float', 'gptq:int4'))
 
