@@ -138,16 +138,16 @@ def quantize(params, method: str = 'rtn', bits: int = 8, *, group_size: int = 0,
       stats = calibration.input_statistics(model, paths.unflatten(flat), batches, group,
                                            gram=True, absmax=act == 'static')
     for p in group:
-      flat[p] = _one(flat[p], layouts[p], spec, stats.get(p), options, act)
+      flat[p] = _one(p, flat[p], layouts[p], spec, stats.get(p), options, act)
   return paths.unflatten(flat)
 
 
-def _one(w, layout, spec: Method, stats, options, act: str) -> qtensor.QTensor:
+def _one(path: str, w, layout, spec: Method, stats, options, act: str) -> qtensor.QTensor:
   mats, _ = paths.as_matrices(w, layout)
   n_in = mats.shape[1]
   gram = None if stats is None else stats['gram'].reshape(-1, n_in, n_in)
   if stats is not None and not bool(jnp.all(jnp.reshape(stats['tokens'], (-1,)) > 0)):
-    logging.warning('a matrix of %s saw no calibration token; it is rounded to nearest', w)
+    logging.warning('a matrix of %s saw no calibration token; it is rounded to nearest', path)
   out = []
   for i in range(mats.shape[0]):
     seen = gram is not None and bool(jnp.any(jnp.diag(gram[i]) > 0))

@@ -14,6 +14,7 @@ of a few rows reads every weight once per token: its speed is the weight bytes' 
 
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +48,8 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
     raise UserError(f'--variants={",".join(variants)} and --batch_sizes='
                     f'{",".join(map(str, batch_sizes))} must be non-empty, sizes >= 1')
   model = Transformer(steps.model_config(config, vocab).replace(scan_layers=False))
-  params = jax.jit(lambda k: model.init(k, jnp.zeros((1, PROMPT), jnp.int32))['params'])(
-      jax.random.key(config.seed))
-  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
-                        is_leaf=lambda x: hasattr(x, 'value'))
+  params = nn.meta.unbox(jax.jit(lambda k: model.init(
+      k, jnp.zeros((1, PROMPT), jnp.int32))['params'])(jax.random.key(config.seed)))
   trees = {v: _tree(v, model, params) for v in variants}
   rng = np.random.default_rng(0)
   times = {(v, b): [] for v in variants for b in batch_sizes}

@@ -133,13 +133,13 @@ def _run(config, workdir, src, variants) -> list:
                weight_bytes=float_bytes, forward_ms=source.forward_ms(model, params, calib[0]))]
   logging.info('float: %s', rows[0])
   for v in variants:
-    start, tuned = params, {}
+    start, tuned, tune_config = params, {}, None
     if v['tune']:
-      start, tuned = _fine_tune(v, config, src, workdir, model, params, step)
+      tune_config = _tune_config(v, config, src, model, step)
+      start, tuned = _fine_tune(v, config, tune_config, workdir, params)
     t0 = time.perf_counter()
     if v['tune'] == 'qat':   # the grid the fine-tune trained on, as integers
-      new = qat.convert(start, steps.qat_spec(_tune_config(v, config, src, model, step)),
-                        layouts.of_model(model))
+      new = qat.convert(start, steps.qat_spec(tune_config), layouts.of_model(model))
     else:
       new = apply_variant(v, model, start, calib, config.include or None)
     row = dict(variant=v['spec'], quantize_s=time.perf_counter() - t0, **tuned,
@@ -215,10 +215,9 @@ def _tune_config(v: dict, config, src, model, step: int):
   return sub
 
 
-def _fine_tune(v: dict, config, src, workdir, model, params, step: int):
-  """(fine-tuned float parameters, row fields): variant `v`'s fine-tune through the training loop
-  in <workdir>/finetune/<variant>/ (continued or skipped when the command runs again)."""
-  sub_config = _tune_config(v, config, src, model, step)
+def _fine_tune(v: dict, config, sub_config, workdir, params):
+  """(fine-tuned float parameters, row fields): variant `v`'s fine-tune (`sub_config`) through
+  the training loop in <workdir>/finetune/<variant>/ (continued or skipped when run again)."""
   sub = workdir / 'finetune' / source.slug(v['spec'])
   metrics = finetune.run(sub_config, sub, params, None, config.source_workdir)
   trained = finetune.trained_params(sub_config, sub)
