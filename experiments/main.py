@@ -1,11 +1,11 @@
 """Entry point: `python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=DIR`.
 
 --mode picks a runner of `experiments/runners.py`: train (default; resumes from the workdir's
-latest checkpoint), eval, sample (--prompt), prune and quantize (experiments/configs/prune.py
-and quantize.py configs), benchmark, compare (against the PyTorch peer) and decode_benchmark
-(no workdir). Bad input and run-level failures print one line `error: ...` and exit 1
-(see `experiments/cli.py`); `--resume=new|params` starts over in a workdir whose run has another
-configuration, archiving that run.
+latest checkpoint), eval, sample (--prompt; with --variant, both read a variant --mode=quantize
+saved), prune and quantize (experiments/configs/prune.py and quantize.py configs), benchmark,
+compare (against the PyTorch peer) and decode_benchmark (no workdir). Bad input and run-level
+failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
+starts over in a workdir whose run has another configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
 more is needed; elsewhere add --coordinator_address=HOST:PORT (process 0's) --num_processes=N
 --process_id=I.
@@ -33,6 +33,9 @@ _RESUME = flags.DEFINE_enum('resume', 'auto', list(validate.RESUME),
                             'config), new (archive it and start over), params (archive it, '
                             'start a new run from its parameters).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'sample: the prompt text.')
+_VARIANT = flags.DEFINE_string('variant', '', 'eval, sample: a variant that --mode=quantize saved '
+                               'in --workdir, e.g. rtn:int4:g128 (--config: that run\'s '
+                               'quantization config).')
 _STEPS = flags.DEFINE_integer('steps', runners.Flags.steps,
                               'benchmark: timed steps (after one compile + warmup step).')
 _VOCAB = flags.DEFINE_integer('vocab_size', 0, 'benchmark: vocabulary (0: 259 bytes, or '
@@ -67,8 +70,8 @@ def main(argv):
     batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
   except ValueError:
     raise UserError(f'--batch_sizes={",".join(_BATCH_SIZES.value)} must be integers') from None
-  given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, steps=_STEPS.value,
-                        vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
+  given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, variant=_VARIANT.value,
+                        steps=_STEPS.value, vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
                         variants=tuple(_VARIANTS.value))
   runners.check_flags(mode, given, workdir)

@@ -4,8 +4,10 @@ Loads the source run (read-only; or `config.hf_path`, a Hugging Face checkpoint 
 source run's data), optionally plants outlier features (`config.outliers`, a function-preserving
 testbed), evaluates it, then for each variant in `config.variants` quantizes a copy, evaluates
 it, times its forward pass, and saves its parameters with Orbax under
-`<workdir>/params/<variant>/` (integers stay integers on disk). Writes results.json (one row per
-variant: `variant`, `nats_per_byte`, `weight_bytes`, ...) and results.md.
+`<workdir>/params/<variant>/` (integers stay integers on disk), described by
+`<workdir>/params/<variant>.json` (`experiments/saved.py`: --mode=eval and --mode=sample read a
+variant with --variant=SPEC). Writes results.json (one row per variant: `variant`,
+`nats_per_byte`, `weight_bytes`, ...) and results.md.
 
 Variant specs (comma-separated in `config.variants`): a method, then options, ':'-separated:
   rtn | gptq | awq | smoothquant      awq and smoothquant rescale the float model first
@@ -28,16 +30,13 @@ import functools
 import logging
 import os
 import re
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from etils import epath
 
 from compression import grid, mixed, paths, qat, qtensor, quantize as quantize_lib, smoothing
-from experiments import data, finetune, source, steps
+from experiments import data, finetune, saved, source, steps
 from experiments.configs import base
 from experiments.errors import UserError
 from models import decode, layouts
@@ -146,7 +145,8 @@ def _run(config, workdir, src, variants) -> list:
                nats_per_byte=source.evaluate(src, model, new, tokenizer),
                weight_bytes=quantize_lib.weight_bytes(new), **_quantized_bytes(params, new),
                forward_ms=source.forward_ms(model, new, calib[0]))
-    row['disk_bytes'] = _save(workdir / 'params' / source.slug(v['spec']), new)
+    row['disk_bytes'] = saved.save(workdir / 'params' / source.slug(v['spec']), new,
+                                   _origin(v, config, step))
     logging.info('%s: %s', v['spec'], row)
     rows.append(row)
   for storage in filter(None, str(config.kv_cache).split(',')):
@@ -215,6 +215,13 @@ def _tune_config(v: dict, config, src, model, step: int):
   return sub
 
 
+def _origin(v: dict, config, step: int) -> dict:
+  """Where variant `v` comes from (saved with its parameters: `saved.save`'s info)."""
+  return dict(variant=v, source_workdir=os.path.abspath(str(config.source_workdir)),
+              source_step=step, hf_path=config.get('hf_path') or '',
+              outliers=config.outliers.to_dict())
+
+
 def _fine_tune(v: dict, config, sub_config, workdir, params):
   """(fine-tuned float parameters, row fields): variant `v`'s fine-tune (`sub_config`) through
   the training loop in <workdir>/finetune/<variant>/ (continued or skipped when run again)."""
@@ -260,24 +267,6 @@ def _quantized_bytes(before, after) -> dict:
   chosen = [p for p, x in new.items() if isinstance(x, qtensor.QTensor)]
   return dict(quantized_float_bytes=sum(old[p].nbytes for p in chosen),
               quantized_bytes=sum(new[p].nbytes() for p in chosen))
-
-
-def _save(path: epath.Path, params) -> int:
-  """Saves `params` with Orbax at `path` (replacing an earlier save); returns bytes on disk."""
-  if path.exists():
-    shutil.rmtree(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(str(path)), params)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(str(path))
-             for f in files)
-
-
-def restore(path, abstract_params):
-  """Parameters saved by `_save`, laid out as `abstract_params` (e.g. `jax.eval_shape` of the
-  same quantization, with shardings for another mesh) says."""
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(str(path)), abstract_params)
 
 
 def _ratio(row) -> str:

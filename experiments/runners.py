@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import benchmark, compare, decode_benchmark, prune, quantize, runtime, train
+from experiments import (benchmark, compare, decode_benchmark, prune, quantize, runtime, saved,
+                         train)
 from experiments.errors import UserError
 
 
@@ -23,6 +24,7 @@ class Flags:
   """The command-line flags runners read (each runner names the ones it uses)."""
   resume: str = 'auto'     # train: auto, new or params (see train.train_and_evaluate)
   prompt: str = ''         # sample: the text to continue
+  variant: str = ''        # eval, sample: a variant --mode=quantize saved in the workdir
   steps: int = 10          # benchmark: timed steps
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
@@ -46,10 +48,14 @@ def _train(config, workdir, flags: Flags):
 
 
 def _eval(config, workdir, flags: Flags):
+  if flags.variant:
+    return json.dumps(saved.evaluate(config, workdir, flags.variant), indent=2)
   return json.dumps(runtime.evaluate(config, workdir), indent=2)
 
 
 def _sample(config, workdir, flags: Flags):
+  if flags.variant:
+    return saved.sample(config, workdir, flags.variant, flags.prompt)
   return runtime.sample(config, workdir, flags.prompt)
 
 
@@ -79,9 +85,10 @@ def _compare(config, workdir, flags: Flags):
 RUNNERS = {
     'train': Runner(_train, 'trains the config in the workdir, resuming its latest checkpoint',
                     flags=('resume',)),
-    'eval': Runner(_eval, 'evaluates the newest checkpoint on the eval split (read-only)'),
-    'sample': Runner(_sample, 'continues --prompt with the newest checkpoint (read-only)',
-                     flags=('prompt',)),
+    'eval': Runner(_eval, 'evaluates the newest checkpoint (or a saved quantized --variant) on '
+                   'the eval split (read-only)', flags=('variant',)),
+    'sample': Runner(_sample, 'continues --prompt with the newest checkpoint (or a saved '
+                     'quantized --variant) (read-only)', flags=('prompt', 'variant')),
     'prune': Runner(_prune, 'prunes a trained run: experiments/configs/prune.py configs',
                     distributed=False),
     'quantize': Runner(_quantize, 'quantizes a trained run: experiments/configs/quantize.py '

@@ -1,18 +1,23 @@
 """The quantization runner (experiments/quantize.py) and the decode benchmark, end to end on a
-tiny trained run: result rows, integer checkpoints, the source left untouched, one-line errors."""
+tiny trained run: result rows, integer checkpoints, the source left untouched, one-line errors;
+saved variants read back by --mode=eval and --mode=sample --variant (experiments/saved.py)."""
 
 import json
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compression import qtensor
+from compression import paths, qtensor
 from compression import quantize as quantize_lib
-from experiments import decode_benchmark, quantize, runners
+from experiments import decode_benchmark, quantize, runners, runtime, saved
+from experiments import source as source_lib
+from experiments.configs import prune as prune_configs
 from experiments.configs import quantize as quantize_configs
 from experiments.errors import UserError
-from tests.runs import tiny_config, tree_digest
+from tests.runs import snapshot, tiny_config, tree_digest
 
 
 def config_for(source, variants, **changes):
@@ -22,14 +27,23 @@ def config_for(source, variants, **changes):
   return config
 
 
-def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, tmp_path):
+VARIANTS = 'rtn:int8,gptq:int4:g16:act,awq:int2:g16:asym,smoothquant:w8a8'
+
+
+@pytest.fixture(scope='module')
+def quantized(source, tmp_path_factory):
+  """(workdir, result rows, source digest before the run) of one quantization run, shared."""
   before = tree_digest(source)
-  variants = 'rtn:int8,gptq:int4:g16:act,awq:int2:g16:asym,smoothquant:w8a8'
-  rows = quantize.run(config_for(source, variants), tmp_path)
+  workdir = tmp_path_factory.mktemp('quantized')
+  return workdir, quantize.run(config_for(source, VARIANTS), workdir), before
+
+
+def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, quantized):
+  tmp_path, rows, before = quantized
   assert tree_digest(source) == before
-  assert [r['variant'] for r in rows] == ['float'] + variants.split(',')
-  saved = json.loads((tmp_path / 'results.json').read_text())
-  assert saved['rows'] == json.loads(json.dumps(rows))
+  assert [r['variant'] for r in rows] == ['float'] + VARIANTS.split(',')
+  saved_rows = json.loads((tmp_path / 'results.json').read_text())
+  assert saved_rows['rows'] == json.loads(json.dumps(rows))
   assert (tmp_path / 'results.md').read_text().startswith('| variant |')
   for r in rows:
     assert np.isfinite(r['nats_per_byte']) and r['weight_bytes'] > 0
@@ -39,12 +53,7 @@ def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, tmp_pat
   assert int2['quantized_bytes'] < int4['quantized_bytes']
   assert abs(int8['nats_per_byte'] / rows[0]['nats_per_byte'] - 1) < 0.005
   # Each variant's parameters restore as integers from <workdir>/params/<variant>.
-  from experiments import source as source_lib
-  src = source_lib.source_config(source)
-  _, model, _, params = source_lib.load(config_for(source, 'rtn:int8'), src)
-  abstract = jax.eval_shape(lambda p: quantize.apply_variant(
-      quantize.parse_variant('rtn:int8'), model, p, None), params)
-  restored = quantize.restore(tmp_path / 'params' / 'rtn-int8', abstract)
+  restored = saved.load(tmp_path / 'params' / 'rtn-int8')
   leaf = restored['blocks_0']['mlp']['down']['kernel']
   assert isinstance(leaf, qtensor.QTensor) and leaf.values.dtype == np.int8
   assert quantize_lib.weight_bytes(restored) == int8['weight_bytes']
@@ -107,3 +116,107 @@ def test_quantization_aware_and_plain_fine_tunes_run_through_the_training_loop(s
     assert ran['qat']['bits'] == (4 if 'qat' in name else 0)
   again = quantize.run(config, tmp_path)   # the fine-tunes are complete: reused, not rerun
   assert again[2]['nats_per_byte'] == qat_row['nats_per_byte']
+
+
+# ---- Saved variants read like any run: --mode=eval and --mode=sample with --variant.
+
+def test_eval_of_a_saved_variant_is_its_results_row(source, quantized):
+  workdir, rows, _ = quantized
+  before = snapshot(workdir)
+  for spec in ('rtn:int8', 'smoothquant:w8a8'):   # weight-only, and W8A8 (rescaled first)
+    out = json.loads(runners.run('eval', config_for(source, 'rtn:int8'), workdir, variant=spec))
+    row = next(r for r in rows if r['variant'] == spec)
+    assert out['nats_per_byte'] == pytest.approx(row['nats_per_byte'], rel=1e-6)
+    assert (out['step'], out['variant'], out['weight_bytes']) == (4, spec, row['weight_bytes'])
+  assert snapshot(workdir) == before
+
+
+def test_sampling_a_saved_variant_is_sampling_the_quantized_tree(source, quantized):
+  workdir = quantized[0]
+  config = config_for(source, 'rtn:int8')
+  text = runners.run('sample', config, workdir, prompt='ROMEO:', variant='rtn:int8')
+  src = source_lib.on_mesh(config, source_lib.source_config(source))
+  _, model, tokenizer, params = source_lib.load(config, src)
+  new = quantize.apply_variant(quantize.parse_variant('rtn:int8'), model, params, None)
+  assert text.startswith('ROMEO:') and len(text) > len('ROMEO:')
+  assert text == runtime.sample_texts(src, new, model, tokenizer, ['ROMEO:'], seed=0)[0]
+  # What was restored is the quantized tree itself: its integers stay int8 (uint8 when packed).
+  restored = saved.load(workdir / 'params' / 'rtn-int8')
+  assert jax.tree.structure(restored) == jax.tree.structure(new)
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(new)):
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+  assert any(isinstance(x, qtensor.QTensor) and x.values.dtype == np.int8
+             for x in paths.flatten(restored).values())
+  packed = [x for x in paths.flatten(saved.load(workdir / 'params' / 'awq-int2-g16-asym')).values()
+            if isinstance(x, qtensor.QTensor)]
+  assert packed and all(x.values.dtype == np.uint8 and x.zero.dtype == np.int8 for x in packed)
+
+
+def test_a_described_tree_restores_with_its_leaf_types_and_dtypes(tmp_path):
+  q = qtensor.QTensor(jnp.arange(-6, 6, dtype=jnp.int8).reshape(3, 4), jnp.full((1, 3), 0.5),
+                      jnp.zeros((1, 3), jnp.int8), jnp.float32(0.25), names=('embed', 'mlp'),
+                      inputs=1, outputs=1, bits=8, group_size=0, dtype='bfloat16', act='static')
+  tree = {'layer': {'kernel': q, 'bias': jnp.arange(3, dtype=jnp.bfloat16)}}
+  info = dict(variant=dict(spec='rtn:int8:static'), source_step=4)
+  assert saved.save(tmp_path / 'v', tree, info) > 0
+  description = json.loads((tmp_path / 'v.json').read_text())
+  assert description['info'] == info
+  assert jax.tree.structure(saved.abstract(description)) == jax.tree.structure(tree)
+  back = saved.load(tmp_path / 'v')
+  assert jax.tree.structure(back) == jax.tree.structure(tree)   # static fields (tuples) too
+  for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+  (tmp_path / 'v.json').unlink()   # as an interrupted save leaves it
+  with pytest.raises(UserError, match='has no v.json: its save was interrupted; rerun '
+                                      '--mode=quantize'):
+    saved.load(tmp_path / 'v')
+
+
+@pytest.mark.parametrize('mode, case, match', [
+    ('eval', 'training', '--variant=rtn:int8 reads a variant saved by --mode=quantize: .*not a '
+                         'training config'),
+    ('sample', 'pruning', 'needs a quantization config .* this is a pruning config'),
+    ('eval', 'unsaved', r'--variant=rtn:int3 was not saved in .*params; saved: awq:int2:g16:asym, '
+                        r'gptq:int4:g16:act, rtn:int8, smoothquant:w8a8$'),
+    ('eval', 'other_source', 'was quantized from .*; config.source_workdir is .*: pass '
+                             '--config.source_workdir='),
+    ('eval', 'no_variant', '--mode=eval needs a training config.*--mode=eval --variant=SPEC'),
+    ('sample', 'no_variant', '--mode=sample needs a training config.*--mode=sample '
+                             '--variant=SPEC'),
+])
+def test_reading_a_variant_refuses_bad_input_in_one_line(source, quantized, data_dir, tmp_path,
+                                                          mode, case, match):
+  workdir = quantized[0]
+  before, source_before = snapshot(workdir), tree_digest(source)
+  config, variant = config_for(source, 'rtn:int8'), 'rtn:int8'
+  if case == 'training':
+    config = tiny_config(data_dir)
+  elif case == 'pruning':
+    config = prune_configs.get_config()
+    config.source_workdir = str(source)
+  elif case == 'unsaved':
+    variant = 'rtn:int3'
+  elif case == 'other_source':
+    config.source_workdir = str(tmp_path)
+  elif case == 'no_variant':
+    variant = ''
+  with pytest.raises(UserError, match=match) as e:
+    runners.run(mode, config, workdir, variant=variant)
+  assert '\n' not in str(e.value)
+  assert snapshot(workdir) == before and tree_digest(source) == source_before
+
+
+def test_a_variant_whose_save_was_interrupted_is_refused(source, quantized, tmp_path):
+  shutil.copytree(quantized[0] / 'params' / 'rtn-int8', tmp_path / 'params' / 'rtn-int8')
+  with pytest.raises(UserError, match='rtn-int8 has no rtn-int8.json: its save was interrupted; '
+                                      'rerun --mode=quantize') as e:
+    runners.run('eval', config_for(source, 'rtn:int8'), tmp_path, variant='rtn:int8')
+  assert '\n' not in str(e.value)
+
+
+def test_only_eval_and_sample_take_a_variant():
+  with pytest.raises(UserError, match='--variant=rtn:int8 applies to --mode=eval and '
+                                      '--mode=sample only'):
+    runners.check_flags('train', runners.Flags(variant='rtn:int8'), 'w')
+  for mode in ('eval', 'sample'):
+    runners.check_flags(mode, runners.Flags(variant='rtn:int8'), 'w')
