@@ -51,8 +51,9 @@ class Result:
 def benchmark(config, n_steps: int, vocab: int) -> Result:
   """Measures `config`'s train step on its mesh; `config.batch_size` rows of random tokens."""
   model = Transformer(steps.model_config(config, vocab))
-  placement = runtime.Placement(config, model,
-                              steps.make_optimizer(config.optimizer, config.num_train_steps))
+  loss = steps.training_loss(model, config)   # low-precision dots, QAT, as the config says
+  tx = steps.with_loss_state(steps.make_optimizer(config.optimizer, config.num_train_steps), loss)
+  placement = runtime.Placement(config, model, tx, loss)
   est = memory.estimate(config, model, placement.abstract, placement.mesh, placement.rules)
   state = sharding.create_sharded(placement.init, placement.mesh, placement.rules, placement.rng)
   per_process = config.batch_size // jax.process_count()

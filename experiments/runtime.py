@@ -166,12 +166,15 @@ def sample_texts(config, params, model, tokenizer, prompts, seed: int = 0, stric
 
 
 def load_params(config, workdir):
-  """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`.
+  """Model, tokenizer and trained parameters from the latest readable checkpoint in `workdir`
+  (with what the run's loss trains besides the model: `steps.served_params` gives the tree the
+  model runs, `steps.model_only` the model's own parameters).
 
   Reads only: the checkpoints are never changed, and a training run may be writing them.
   """
   tokenizer, model, tx = setup(config, workdir)
-  placement = Placement(config, model, tx)
+  loss = steps.training_loss(model, config)   # its own entries (QAT scales) are in the tree
+  placement = Placement(config, model, steps.with_loss_state(tx, loss), loss)
   signature = workdir_lib.signature(config, tokenizer_sha256(tokenizer))
   ckpts = checkpoints.Checkpoints(workdir, writer=False)
   restored = ckpts.restore_latest(placement.abstract.params, signature, params_only=True)
@@ -184,6 +187,7 @@ def evaluate(config, workdir) -> dict:
   """Evaluates the newest checkpoint of `workdir` on the eval split (read-only)."""
   validate.check(config, workdir, 'eval')
   step, model, tokenizer, params, placement = load_params(config, workdir)
+  params = steps.served_params(placement.loss, params)
   metrics = evaluate_params(config, params, model, tokenizer, placement)
   if not np.isfinite(metrics['loss']):
     raise UserError(f'the checkpoint at step {step} in {workdir} evaluates to a non-finite loss '
@@ -194,5 +198,6 @@ def evaluate(config, workdir) -> dict:
 def sample(config, workdir, prompt: str, seed: int = 0) -> str:
   """Continues `prompt` with the newest checkpoint of `workdir` (read-only)."""
   validate.check(config, workdir, 'sample')
-  _, model, tokenizer, params, _ = load_params(config, workdir)
+  _, model, tokenizer, params, placement = load_params(config, workdir)
+  params = steps.served_params(placement.loss, params)
   return sample_texts(config, params, model, tokenizer, [prompt], seed, strict=True)[0]

@@ -119,6 +119,7 @@ def load(config, src):
                       f'the {tokenizer.vocab_size} ids of the source run\'s tokenizer')
   else:
     step, model, tokenizer, params, _ = runtime.load_params(src, config.source_workdir)
+    params = steps.model_only(params)   # a QAT source's float weights, not its scales
   if model.config.scan_layers:
     params = unstack_layers(params, model.config)
     model = Transformer(model.config.replace(scan_layers=False))

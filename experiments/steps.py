@@ -20,7 +20,7 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from compression import qat, schedules
+from compression import low_precision, qat, schedules
 from models import ModelConfig, Transformer, layouts, moe
 
 TrainState = train_state.TrainState
@@ -50,10 +50,11 @@ def learning_rate_schedule(opt, num_steps: int):
 
 
 def decay_mask(params):
-  """Weight decay on matmul kernels only: not on norms, biases, embedding tables or QAT scales."""
+  """Weight decay on matmul kernels only: not on norms, biases, embedding tables, QAT scales or
+  low-precision amax histories."""
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: k[-1] == 'kernel' and k[0] != qat.SCALES
-                                       for k in flat})
+  return traverse_util.unflatten_dict(
+      {k: k[-1] == 'kernel' and k[0] not in (qat.SCALES, low_precision.HISTORY) for k in flat})
 
 
 def make_optimizer(opt, num_steps: int, pruning=None,
@@ -149,6 +150,44 @@ def qat_loss(model: Transformer, config, base=None) -> qat.Loss:
   """Quantization-aware training as `config.qat` says, around `base` (default: the LM loss)."""
   base = base if base is not None else lm_loss(model, config.optimizer.z_loss)
   return qat.loss(base, qat_spec(config), model)
+
+
+def low_precision_spec(config) -> Optional[low_precision.Spec]:
+  """The `compression.low_precision.Spec` of `config.low_precision`, or None when it is off."""
+  lp = config.get('low_precision')
+  if lp is None or not lp.format:
+    return None
+  return low_precision.Spec(format=lp.format, backward=lp.backward, scaling=lp.scaling,
+                            history=lp.history, include=lp.include or None)
+
+
+def training_loss(model: Transformer, config, base=None):
+  """The loss a run of `config` trains: `base` (default: the LM loss), quantization-aware
+  (`config.qat`) or with low-precision dots (`config.low_precision`) as the config says."""
+  base = base if base is not None else lm_loss(model, config.optimizer.z_loss)
+  if qat_spec(config) is not None:
+    return qat_loss(model, config, base)
+  spec = low_precision_spec(config)
+  return low_precision.loss(base, spec, model) if spec is not None else base
+
+
+def with_loss_state(tx: optax.GradientTransformation, loss) -> optax.GradientTransformation:
+  """`tx`, with the state a loss keeps among the parameters (delayed fp8 scaling's amax
+  histories) updated beside it, out of its reach."""
+  if isinstance(loss, low_precision.Loss) and loss.spec.scaling == 'delayed':
+    return low_precision.split_optimizer(tx)
+  return tx
+
+
+def served_params(loss, params):
+  """The tree the model runs for evaluation and sampling: the fake-quantized one of a QAT loss,
+  the float model without a low-precision loss's histories, else `params`."""
+  return loss.model_params(params) if hasattr(loss, 'model_params') else params
+
+
+def model_only(params):
+  """`params` without the entries a loss trains or keeps besides the model's own."""
+  return {k: v for k, v in params.items() if k not in (qat.SCALES, low_precision.HISTORY)}
 
 
 @functools.partial(jax.jit, static_argnames=('loss', 'accum_steps', 'seed'), donate_argnums=0)

@@ -78,11 +78,10 @@ def _start_state(ckpts, placement: Placement, signature, params_from, params):
     return 0, sharding.create_sharded(placement.init, placement.mesh, placement.rules,
                                       placement.rng), None
   abstract = placement.abstract.params
-  add = placement.loss.init_params if isinstance(placement.loss, qat.Loss) else None
-  if params_from is not None:   # a float run's parameters; learned QAT scales start from them
-    params = checkpoints.restore_params(
-        params_from, {k: v for k, v in abstract.items() if k != qat.SCALES})
-    if qat.SCALES in abstract:
+  add = getattr(placement.loss, 'init_params', None)
+  if params_from is not None:   # a float run's parameters; the loss's own entries start anew
+    params = checkpoints.restore_params(params_from, steps.model_only(abstract))
+    if add is not None:
       params = jax.jit(add, out_shardings=jax.tree.map(lambda x: x.sharding, abstract))(params)
   else:
     params = placement.place_params(add(params) if add is not None else params)
@@ -131,7 +130,8 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
       (`compression.schedules.frozen`).
     make_loss: `model -> loss` (see `steps.LmLoss`); default `steps.lm_loss(model, z_loss)`.
   With `config.qat.bits` > 0 the loss is quantization-aware (`steps.qat_loss` around it) and
-  evaluation and samples run the fake-quantized model, the one `compression.qat.convert` serves.
+  evaluation and samples run the fake-quantized model, the one `compression.qat.convert` serves;
+  with `config.low_precision.format` set its matmuls run on int8 or fp8 (`steps.training_loss`).
   """
   workdir = epath.Path(workdir)
   if params is not None and resume == 'params':
@@ -147,9 +147,8 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
       tx = qat.split_optimizer(wrap_optimizer(tx), plain)
     elif wrap_optimizer is not None:
       tx = wrap_optimizer(tx)
-    loss = make_loss(model) if make_loss is not None else None   # None: the config's LM loss
-    if spec is not None:
-      loss = steps.qat_loss(model, config, loss)
+    loss = steps.training_loss(model, config, make_loss(model) if make_loss else None)
+    tx = steps.with_loss_state(tx, loss)
     signature = workdir_lib.signature(config, tokenizer_sha256(tokenizer))
     saved = workdir_lib.saved_signature(workdir)
     if saved is not None and workdir_lib.checkpoint_steps(workdir):
@@ -197,8 +196,8 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
                f'{flops.param_count(state.params):,}', active, flops_per_token)
 
   recorded = []
-  served = (jax.jit(placement.loss.model_params) if isinstance(placement.loss, qat.Loss)
-            else None)   # QAT: the fake-quantized model is the one evaluated
+  model_params = getattr(placement.loss, 'model_params', None)   # QAT: fake-quantized
+  served = jax.jit(model_params) if model_params is not None else lambda p: p
 
   def save():
     if lead and not recorded:   # binds the workdir to this run from its first checkpoint on
@@ -209,7 +208,7 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
     monitor.last_checkpoint = step
 
   def evaluate():
-    params = state.params if served is None else served(state.params)
+    params = served(state.params)
     result = _evaluate_and_sample(config, params, model, tokenizer, writer, step, placement,
                                   should_stop=lambda: stop.requested)
     monitor.restart_clock()

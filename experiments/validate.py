@@ -16,7 +16,7 @@ from etils import epath
 
 import compression
 import sharding
-from compression import grid, qat
+from compression import grid, low_precision, qat
 from experiments import data, steps
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
@@ -54,8 +54,9 @@ def check_kind(config, mode: str) -> None:
   if derived and 'variants' not in config:
     raise UserError(f'{wanted}; this one has no variants')
   if not derived and not is_training:
-    hint = (' (a pruning or quantization config: use --mode=prune or --mode=quantize)'
-            if 'variants' in config else '')
+    hint = (' (a pruning or quantization config: use --mode=prune or --mode=quantize'
+            + (f'; --mode={mode} --variant=SPEC reads a variant that --mode=quantize saved)'
+               if mode in ('eval', 'sample') else ')') if 'variants' in config else '')
     what = 'the benchmark' if mode == 'benchmark' else f'--mode={mode}'
     raise UserError(f'{what} needs a training config such as '
                     f'experiments/configs/shakespeare.py; this one has no model/optimizer{hint}')
@@ -89,6 +90,7 @@ def check_fields(config) -> None:
   _check_sample(config.sample, model_cfg)
   _check_pruning(config, model_cfg)
   _check_qat(config, model_cfg)
+  _check_low_precision(config, model_cfg)
 
 
 def _check_optimizer(opt) -> None:
@@ -170,6 +172,32 @@ def _check_qat(config, model_cfg) -> None:
   except ValueError as e:   # messages start with the bad field ('bits=5 ...') or a path
     field = str(e).split('=')[0]
     raise UserError(f'config.qat.{e}' if field in q else f'config.qat: {e}') from None
+
+
+def _check_low_precision(config, model_cfg) -> None:
+  lp = config.get('low_precision')
+  if lp is None or lp.format == '':
+    return
+  if lp.format not in low_precision.FORMATS:
+    _bad('low_precision.format', lp.format,
+         f'is not one of \'\' (off), {", ".join(low_precision.FORMATS)}')
+  if config.get('qat') and config.qat.bits:
+    raise UserError(f'config.low_precision.format={lp.format!r} and config.qat.bits='
+                    f'{config.qat.bits} cannot be combined: quantization-aware training rounds '
+                    f'the weights itself (set one of them off)')
+  try:
+    re.compile(lp.include)
+  except (re.error, TypeError) as e:
+    _bad('low_precision.include', lp.include, f'is not a regular expression ({e})')
+  shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
+  try:
+    low_precision.check(nn.meta.unbox(shapes), steps.low_precision_spec(config),
+                        layouts.of_config(model_cfg), model_cfg)
+  except ValueError as e:   # messages start with the bad field ('history=0 ...') or a path
+    field = str(e).split('=')[0]
+    raise UserError(f'config.low_precision.{e}' if field in lp
+                    else f'config.low_precision: {e}') from None
 
 
 def check_mesh(config) -> None:

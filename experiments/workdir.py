@@ -88,6 +88,8 @@ def signature(config, tokenizer_sha256=None) -> dict:
     out['origin'] = config.origin.to_dict()
   if config.get('qat') and config.qat.bits:   # what the weights were trained to be rounded to
     out['qat'] = config.qat.to_dict()
+  if config.get('low_precision') and config.low_precision.format:   # how its dots were rounded
+    out['low_precision'] = config.low_precision.to_dict()
   return out
 
 

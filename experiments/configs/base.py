@@ -79,6 +79,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.qat.include = ''                # regex over weight paths ('' : all but embeddings/head/
                                          # routers)
 
+  # Low-precision training matmuls (compression/low_precision.py): the selected kernels' forward
+  # (and gradient) dots run on int8 (dynamic per-row/channel scales, AQT-style) or fp8 (e4m3
+  # forward, e5m2 gradients, per-tensor scales); parameters and optimizer stay float32.
+  config.low_precision = ml_collections.ConfigDict()
+  config.low_precision.format = ''       # '': off; 'int8' or 'fp8'
+  config.low_precision.backward = True   # the two gradient dots too (False: float32 gradients)
+  config.low_precision.scaling = 'current'   # fp8: 'current' (each tensor's max) or 'delayed'
+                                         # (max of the last `history` steps' maxima)
+  config.low_precision.history = 16      # delayed scaling's amax history, in steps
+  config.low_precision.include = ''      # regex over weight paths ('' : all but embeddings/head/
+                                         # routers)
+
   config.sample = ml_collections.ConfigDict()
   config.sample.num_prompts = 2          # held-out openings continued at each evaluation
   config.sample.prompt_chars = 64        # characters of each opening used as the prompt
