@@ -21,6 +21,7 @@ Variant specs (comma-separated in `config.variants`): a method, then options, ':
   a0.5                                AWQ / SmoothQuant strength alpha
   ft100 | qat100                      first fine-tune 100 steps: plainly (then quantize), or
                                       quantization-aware on the variant's grid (then convert)
+  lsq                                 qat<N> with learned (LSQ) ranges instead of min/max
 e.g. rtn:int8  rtn:int4:g128  gptq:int3:g128:act  awq:int4:g128  smoothquant:w8a8:a0.5
 rtn:int4:g128:qat100. Fine-tunes are training runs in <workdir>/finetune/<variant>/ (resumed, or
 skipped when complete, when the command runs again).
@@ -53,7 +54,7 @@ def parse_variant(spec: str) -> dict:
                     f'{", ".join(METHODS)}')
   v = dict(spec=spec.strip(), method=parts[0], bits=8, group_size=grid.PER_CHANNEL,
            symmetric=True, clip='minmax', act='none', act_order=False, alpha=None,
-           tune=None, tune_steps=0)
+           tune=None, tune_steps=0, ranges='minmax')
   for token in parts[1:]:
     if re.fullmatch(r'int\d+', token):
       v['bits'] = int(token[3:])
@@ -69,13 +70,15 @@ def parse_variant(spec: str) -> dict:
         v['alpha'] = float(token[1:])
       except ValueError:
         raise UserError(f'variant {spec!r}: {token!r} is not a number after a') from None
+    elif token == 'lsq':
+      v['ranges'] = 'learned'
     elif token in ('pt', 'asym', 'mse', 'act', 'w8a8', 'static'):
       v.update(dict(pt=dict(group_size=grid.PER_TENSOR), asym=dict(symmetric=False),
                     mse=dict(clip='mse'), act=dict(act_order=True),
                     w8a8=dict(act='dynamic'), static=dict(act='static'))[token])
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: int<bits>, g<k>, '
-                      f'pt, asym, mse, act, w8a8, static, a<alpha>')
+                      f'pt, asym, mse, act, w8a8, static, a<alpha>, ft<N>, qat<N>, lsq')
   if v['method'] == 'smoothquant' and v['act'] == 'none':
     v['act'] = 'dynamic'   # SmoothQuant exists to make W8A8 work
   if v['method'] == 'mixed' and (v['act'] != 'none' or v['clip'] != 'minmax'):
@@ -84,6 +87,8 @@ def parse_variant(spec: str) -> dict:
   if v['tune'] == 'qat' and (v['method'] != 'rtn' or v['clip'] != 'minmax'):
     raise UserError(f'variant {spec!r}: qat trains on the round-to-nearest min/max grid; use '
                     f'rtn without mse')
+  if v['ranges'] == 'learned' and v['tune'] != 'qat':
+    raise UserError(f'variant {spec!r}: lsq (learned ranges) applies to qat<N> fine-tunes only')
   if v['act_order'] and v['method'] != 'gptq':
     raise UserError(f'variant {spec!r}: act (act-order) applies to gptq only')
   if v['alpha'] is not None and not 0.0 <= v['alpha'] <= 1.0:
@@ -211,6 +216,7 @@ def _tune_config(v: dict, config, src, model, step: int):
   sub.qat = base.base_config().qat
   if v['tune'] == 'qat':
     sub.qat.update(bits=v['bits'], group_size=v['group_size'], symmetric=v['symmetric'],
+                   ranges=v['ranges'],
                    include=config.include)
   return sub
 

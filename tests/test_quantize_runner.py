@@ -71,7 +71,7 @@ def test_the_outlier_testbed_keeps_the_float_loss(source, tmp_path):
     ('hqq:int4', "unknown method 'hqq'"), ('rtn:int5', 'bits=5 is not one of'),
     ('rtn:int4:g24', 'group_size=24 does not divide'), ('rtn:fast', "unknown option 'fast'"),
     ('awq:int4:act', 'act-order.*gptq only'), ('smoothquant:a1.5', 'alpha=1.5 must be in'),
-    ('rtn:int4:w8a8', 'needs bits=8')])
+    ('rtn:int4:w8a8', 'needs bits=8'), ('rtn:int4:lsq', r'lsq \(learned ranges\) applies to qat')])
 def test_bad_variants_are_one_clear_error_before_any_work(source, tmp_path, spec, match):
   with pytest.raises(UserError, match=match) as e:
     quantize.check(config_for(source, spec), tmp_path / 'out')
@@ -104,16 +104,18 @@ def test_reading_through_a_float_cache_scores_as_the_full_forward(source, tmp_pa
 
 
 def test_quantization_aware_and_plain_fine_tunes_run_through_the_training_loop(source, tmp_path):
-  config = config_for(source, 'rtn:int4:g16:ft3,rtn:int4:g16:qat3')
+  config = config_for(source, 'rtn:int4:g16:ft3,rtn:int4:g16:qat3:lsq')
   rows = quantize.run(config, tmp_path)
   ft, qat_row = rows[1], rows[2]
   assert np.isfinite(ft['ft_eval_nats_per_byte']) and np.isfinite(qat_row['qat_eval_nats_per_byte'])
-  # What QAT trained (its fake-quantized eval) is what the converted integers serve.
+  # What QAT trained (its fake-quantized eval, learned scales read back from the checkpoint)
+  # is what the converted integers serve.
   assert qat_row['nats_per_byte'] == pytest.approx(qat_row['qat_eval_nats_per_byte'], rel=1e-4)
-  for name in ('rtn-int4-g16-ft3', 'rtn-int4-g16-qat3'):
+  for name in ('rtn-int4-g16-ft3', 'rtn-int4-g16-qat3-lsq'):
     ran = json.loads((tmp_path / 'finetune' / name / 'config.json').read_text())
     assert ran['num_train_steps'] == 3
     assert ran['qat']['bits'] == (4 if 'qat' in name else 0)
+    assert ran['qat']['ranges'] == ('learned' if 'qat' in name else 'minmax')
   again = quantize.run(config, tmp_path)   # the fine-tunes are complete: reused, not rerun
   assert again[2]['nats_per_byte'] == qat_row['nats_per_byte']
 
