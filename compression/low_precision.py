@@ -41,7 +41,7 @@ import optax
 from jax import lax
 
 from compression import paths
-from models import axes, seam
+from models import seam
 from models import layouts as layouts_lib
 
 FORMATS = ('int8', 'fp8')
@@ -79,14 +79,7 @@ def check(params, spec: Spec, layouts: paths.Layouts, model_config=None):
   model_params = {k: v for k, v in params.items() if k != HISTORY}
   chosen = paths.select(model_params, layouts, spec.include, spec.exclude)
   for p in chosen:
-    layout = layouts[p]
-    if axes.VOCAB in layout.names or axes.POSITION in layout.names:
-      raise ValueError(f'{p}: an embedding table is a lookup, not a matmul; leave it out of the '
-                       f'selection')
-    if (axes.EXPERT in layout.stacked_names and model_config is not None
-        and model_config.moe_dispatch != 'capacity'):
-      raise ValueError(f'{p}: low-precision experts run with moe_dispatch=capacity, not '
-                       f'{model_config.moe_dispatch!r}')
+    paths.check_runnable(p, layouts[p], model_config, f'{spec.format} training')
   return chosen
 
 
@@ -208,23 +201,11 @@ _lowp_dot.defvjp(_fwd, _bwd)
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LowPrecision(seam.Leaf):
+class LowPrecision(seam.Wrapped):
   """A float kernel whose contractions run in low precision (see the module docstring)."""
-  w: jax.Array
   hist: Optional[jax.Array]          # delayed fp8: [stack..., history, 2] amax history; or None
-  names: Tuple = dataclasses.field(metadata=dict(static=True))
-  inputs: int = dataclasses.field(metadata=dict(static=True))
-  outputs: int = dataclasses.field(metadata=dict(static=True))
   format: str = dataclasses.field(metadata=dict(static=True))
   backward: bool = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def shape(self):
-    return self.w.shape
-
-  @property
-  def stack(self) -> int:   # under nn.scan the layer slice has one stack dim fewer
-    return self.w.ndim - self.inputs - self.outputs
 
   def logical_axes(self):
     names = self.names[len(self.names) - self.w.ndim:]
@@ -277,8 +258,9 @@ def wrap(params, spec: Spec, layouts: paths.Layouts, model_config=None):
   flat = paths.flatten({k: v for k, v in params.items() if k != HISTORY})
   for p in check(params, spec, layouts, model_config):
     layout = layouts[p]
-    flat[p] = LowPrecision(flat[p], hist.get(p), layout.names, layout.inputs, layout.outputs,
-                           spec.format, spec.backward)
+    flat[p] = LowPrecision(w=flat[p], names=layout.names, inputs=layout.inputs,
+                           outputs=layout.outputs, hist=hist.get(p), format=spec.format,
+                           backward=spec.backward)
   return paths.unflatten(flat)
 
 

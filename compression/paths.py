@@ -65,3 +65,15 @@ def as_matrices(w, layout: Layout):
   """w -> [stack, in, out] (stack 1 for a plain kernel) and the function that undoes it."""
   shape = w.shape
   return w.reshape(layout.matrix_shape(shape)), lambda m: m.reshape(shape)
+
+
+def check_runnable(path: str, layout: Layout, model_config, what: str) -> None:
+  """One-line ValueErrors where `what` (e.g. 'W8A8') cannot run weight `path`: an embedding
+  table is a lookup, not a matmul, and experts run their own dots only with capacity dispatch."""
+  if axes.VOCAB in layout.names or axes.POSITION in layout.names:
+    raise ValueError(f'{path}: {what} cannot run an embedding lookup; leave tables out of the '
+                     f'selection')
+  if (axes.EXPERT in layout.stacked_names and model_config is not None
+      and model_config.moe_dispatch != 'capacity'):
+    raise ValueError(f'{path}: {what} experts run with moe_dispatch=capacity, not '
+                     f'{model_config.moe_dispatch!r}')

@@ -307,24 +307,9 @@ def split_optimizer(model_tx: optax.GradientTransformation,
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ActQuant(seam.Leaf):
+class ActQuant(seam.Wrapped):
   """A (fake-quantized) kernel whose contractions round their inputs to int8 per token, as a
   W8A8 `QTensor` (act='dynamic') does: where that runs integer activations, so does this."""
-  w: jax.Array
-  names: Tuple = dataclasses.field(metadata=dict(static=True))
-  inputs: int = dataclasses.field(metadata=dict(static=True))
-  outputs: int = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def shape(self):
-    return self.w.shape
-
-  @property
-  def stack(self) -> int:   # under nn.scan the layer slice has one stack dim fewer
-    return self.w.ndim - self.inputs - self.outputs
-
-  def logical_axes(self):
-    return dataclasses.replace(self, w=self.names[len(self.names) - self.w.ndim:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

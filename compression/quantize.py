@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from compression import calibration, grid, paths, qtensor
-from models import axes, layouts as layouts_lib
+from models import layouts as layouts_lib
 
 
 class Method(NamedTuple):
@@ -85,13 +85,7 @@ def check(params, method: str, bits: int, *, group_size: int = 0, clip: str = 'm
       raise ValueError(f'{p}: {bits}-bit packing splits its last input dim in {n}, and it has '
                        f'{last} entries')
     if act != 'none':
-      if axes.VOCAB in layout.names:
-        raise ValueError(f'{p}: W8A8 cannot run an embedding lookup; leave tables out of the '
-                         f'selection')
-      if (axes.EXPERT in layout.stacked_names and model_config is not None
-          and model_config.moe_dispatch != 'capacity'):
-        raise ValueError(f'{p}: W8A8 experts run with moe_dispatch=capacity, not '
-                         f'{model_config.moe_dispatch!r}')
+      paths.check_runnable(p, layout, model_config, 'W8A8')
   return selected
 
 

@@ -160,18 +160,8 @@ def _check_qat(config, model_cfg) -> None:
     return
   if not _is_int(q.bits) or q.bits not in grid.BITS:
     _bad('qat.bits', q.bits, f'is not one of 0 (off), {", ".join(map(str, grid.BITS))}')
-  try:
-    re.compile(q.include)
-  except (re.error, TypeError) as e:
-    _bad('qat.include', q.include, f'is not a regular expression ({e})')
-  shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
-      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
-  try:
-    qat.check(nn.meta.unbox(shapes), steps.qat_spec(config), layouts.of_config(model_cfg),
-              model_cfg)
-  except ValueError as e:   # messages start with the bad field ('bits=5 ...') or a path
-    field = str(e).split('=')[0]
-    raise UserError(f'config.qat.{e}' if field in q else f'config.qat: {e}') from None
+  _check_on_model('qat', q, lambda shapes: qat.check(
+      shapes, steps.qat_spec(config), layouts.of_config(model_cfg), model_cfg), model_cfg)
 
 
 def _check_low_precision(config, model_cfg) -> None:
@@ -185,19 +175,25 @@ def _check_low_precision(config, model_cfg) -> None:
     raise UserError(f'config.low_precision.format={lp.format!r} and config.qat.bits='
                     f'{config.qat.bits} cannot be combined: quantization-aware training rounds '
                     f'the weights itself (set one of them off)')
+  _check_on_model('low_precision', lp, lambda shapes: low_precision.check(
+      shapes, steps.low_precision_spec(config), layouts.of_config(model_cfg), model_cfg),
+                  model_cfg)
+
+
+def _check_on_model(name: str, section, check, model_cfg) -> None:
+  """`config.<name>.include` compiles, and `check(parameter shapes)` (a compression method's
+  own check, raising one-line ValueErrors) passes on the model's shapes."""
   try:
-    re.compile(lp.include)
+    re.compile(section.include)
   except (re.error, TypeError) as e:
-    _bad('low_precision.include', lp.include, f'is not a regular expression ({e})')
+    _bad(f'{name}.include', section.include, f'is not a regular expression ({e})')
   shapes = jax.eval_shape(lambda: Transformer(model_cfg).init(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params'])
   try:
-    low_precision.check(nn.meta.unbox(shapes), steps.low_precision_spec(config),
-                        layouts.of_config(model_cfg), model_cfg)
-  except ValueError as e:   # messages start with the bad field ('history=0 ...') or a path
+    check(nn.meta.unbox(shapes))
+  except ValueError as e:   # messages start with the bad field ('bits=5 ...') or a path
     field = str(e).split('=')[0]
-    raise UserError(f'config.low_precision.{e}' if field in lp
-                    else f'config.low_precision: {e}') from None
+    raise UserError(f'config.{name}.{e}' if field in section else f'config.{name}: {e}') from None
 
 
 def check_mesh(config) -> None:

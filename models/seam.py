@@ -42,6 +42,28 @@ class Leaf(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
+class Wrapped(Leaf):
+  """Base of leaves that hold a float kernel `w` and change only how it executes (fake
+  quantization's int8 inputs, low-precision training dots). Subclasses add their fields and
+  are registered with `jax.tree_util.register_dataclass`."""
+  w: Any
+  names: Tuple = dataclasses.field(metadata=dict(static=True))   # the kernel's logical names
+  inputs: int = dataclasses.field(metadata=dict(static=True))
+  outputs: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def stack(self) -> int:   # under nn.scan the layer slice has one stack dim fewer
+    return self.w.ndim - self.inputs - self.outputs
+
+  def logical_axes(self):
+    return dataclasses.replace(self, w=self.names[len(self.names) - self.w.ndim:])
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
   """How one leaf type executes. Each contraction is optional; `dense` is the fallback.
 

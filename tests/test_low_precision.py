@@ -35,7 +35,8 @@ def _int8_np(x, axis):
 
 
 def _leaf(w, fmt, backward=True, hist=None):
-  return lp.LowPrecision(jnp.asarray(w), hist, NAMES, 1, 1, fmt, backward)
+  return lp.LowPrecision(w=jnp.asarray(w), names=NAMES, inputs=1, outputs=1, hist=hist,
+                         format=fmt, backward=backward)
 
 
 def test_int8_dot_equals_an_int64_numpy_reference_and_lowers_to_an_s8_dot():
