@@ -3,12 +3,14 @@ scaling's histories, selection, the training loop and config validation."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
+import sharding
 from compression import low_precision as lp
 from compression import paths
 from experiments import steps, train, validate
@@ -198,3 +200,52 @@ def test_delayed_int8_and_low_precision_with_qat_are_refused(data_dir):
   config.qat.bits = 8
   with pytest.raises(UserError, match=r'cannot be combined'):
     validate.check_fields(config)
+
+
+@pytest.mark.parametrize('spec', [lp.Spec('int8'), lp.Spec('fp8', scaling='delayed')],
+                         ids=['int8', 'fp8 delayed'])
+def test_on_a_2x2x2_mesh_the_loss_and_gradients_equal_one_device(spec):
+  cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
+  model = Transformer(cfg)
+  loss = lp.loss(steps.lm_loss(model), spec)
+  init = lambda rng: loss.init_params(model.init(rng, jnp.zeros((1, 16), jnp.int32))['params'])
+  total = lambda p, b: loss(p, b)[0]
+  batch = lm_batches(cfg.vocab_size, 1, rows=8, length=16)[0]
+  one = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
+  want_loss, want = jax.jit(jax.value_and_grad(total))(one, batch)
+  mesh_config = sharding.default_mesh_config()
+  mesh_config.update(data=2, fsdp=2, tensor=2)
+  mesh, rules = sharding.make_mesh(mesh_config), sharding.rules_for('fsdp_tp')
+  params = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
+  with sharding.activation_rules(mesh, rules):
+    got_loss, got = jax.jit(jax.value_and_grad(total))(
+        params, sharding.global_batch(batch, mesh, rules))
+  assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-5)
+  # Sums in another order can move a value across a rounding boundary: one grid step on an
+  # entry or two (an int8 step is 1/127 of a row's max, an e5m2 one up to 1/4 of the value),
+  # not another product.
+  tol = 1e-3 if spec.format == 'int8' else 1e-2
+  for a, b in zip(jax.tree.leaves(jax.device_get(got)), jax.tree.leaves(want)):
+    assert np.linalg.norm(a - b) <= tol * np.linalg.norm(b) + 1e-7
+
+
+def test_capacity_dispatched_experts_run_low_precision_expert_dots():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
+                    moe_d_ff=32, n_experts=4, experts_per_token=2, moe_dispatch='capacity',
+                    capacity_factor=2.0)
+  model = Transformer(cfg)
+  params = init_params(cfg)
+  spec = lp.Spec('int8', include=r'mlp/(up|gate|down)$')
+  chosen = lp.check(params, spec, layouts.of_config(cfg), cfg)
+  assert chosen and all(layouts.of_config(cfg)[p].stack for p in chosen)   # expert stacks
+  batch = lm_batches(cfg.vocab_size, 1, rows=4, length=16)[0]
+  base = steps.lm_loss(model)
+  grad = lambda f: jax.jit(jax.value_and_grad(lambda p: f(p, batch)[0]))(params)
+  (l_float, g_float), (l_int8, g_int8) = grad(base), grad(lp.loss(base, spec))
+  assert float(l_int8) == pytest.approx(float(l_float), rel=1e-2) and l_int8 != l_float
+  for p in chosen:
+    a, b = paths.flatten(g_int8)[p], paths.flatten(g_float)[p]
+    assert 0 < np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(b)
+  dropless = cfg.replace(moe_dispatch='dropless')
+  with pytest.raises(ValueError, match=r'int8 training experts run with moe_dispatch=capacity'):
+    lp.check(params, spec, layouts.of_config(dropless), dropless)
