@@ -204,20 +204,20 @@ def integer_dot(a_MxI, q_OxI, n_groups: int, backend: str = 'accelerator'):
   """Exact integer products of each group of inputs: int8 [M, I] x int8 [O, I] -> int32
   [G, M, O] (s8 x s8 -> s32 `dot_general`s).
 
-  On the CPU several groups run as one 2-D product of a block-diagonal expansion of `a`
-  ([G * M, I], zeros outside each row's group): XLA-CPU's batched integer dots with few rows
-  are an order of magnitude slower than one plain product with G times the rows.
+  On the CPU each group is its own 2-D product of the group's columns of `a` and `q`: XLA-CPU's
+  batched integer dots with few rows run an order of magnitude slower than plain ones, and G
+  plain products of K inputs cost 2.5-5x less than one product of a block-diagonal expansion
+  of `a` ([G * M, I], G times the work) at decode shapes (1024 x 4096 and 4096 x 1024, g128).
   """
   m, n_in = a_MxI.shape
   g, k = n_groups, n_in // n_groups
+  dims = (((1,), (1,)), ((), ()))
   if g == 1:
-    return lax.dot_general(a_MxI, q_OxI, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.int32)[None]
+    return lax.dot_general(a_MxI, q_OxI, dims, preferred_element_type=jnp.int32)[None]
   if backend == 'cpu':
-    own = jnp.eye(g, dtype=jnp.bool_)[:, None, :, None]   # [G, 1, G, 1]
-    a = jnp.where(own, a_MxI.reshape(1, m, g, k), jnp.int8(0)).reshape(g * m, n_in)
-    y = lax.dot_general(a, q_OxI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    return y.reshape(g, m, -1)
+    return jnp.stack([lax.dot_general(a_MxI[:, j * k:(j + 1) * k], q_OxI[:, j * k:(j + 1) * k],
+                                      dims, preferred_element_type=jnp.int32)
+                      for j in range(g)])
   return lax.dot_general(a_MxI.reshape(m, g, k), q_OxI.reshape(-1, g, k),
                          (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
 
