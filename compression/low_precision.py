@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from compression import paths
+from compression import paths, schedules
 from models import seam
 from models import layouts as layouts_lib
 
@@ -310,29 +310,7 @@ def roll_history():
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-class SplitState(NamedTuple):
-  model: optax.OptState
-  history: optax.OptState
-
-
 def split_optimizer(model_tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`model_tx` on the model's parameters (its clipping and wrappers never see the histories),
   `roll_history` on params[HISTORY]."""
-  history_tx = roll_history()
-
-  def split(tree):
-    return ({k: v for k, v in tree.items() if k != HISTORY},
-            {k: v for k, v in tree.items() if k == HISTORY})
-
-  def init(params):
-    model, hist = split(params)
-    return SplitState(model_tx.init(model), history_tx.init(hist))
-
-  def update(updates, state, params=None):
-    u_model, u_hist = split(updates)
-    p_model, p_hist = split(params)
-    u_model, s_model = model_tx.update(u_model, state.model, p_model)
-    u_hist, s_hist = history_tx.update(u_hist, state.history, p_hist)
-    return dict(u_model, **u_hist), SplitState(s_model, s_hist)
-
-  return optax.GradientTransformation(init, update)
+  return schedules.split(HISTORY, model_tx, roll_history())

@@ -31,7 +31,7 @@ another order, and on CPU activations are split into two int8 limbs).
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from compression import grid, paths, qtensor
+from compression import grid, paths, qtensor, schedules
 from compression import quantize as quantize_lib
 from models import layouts as layouts_lib
 from models import seam
@@ -276,31 +276,11 @@ def loss(base: Callable, spec: Spec, model=None) -> Loss:
   return Loss(base, spec, model)
 
 
-class SplitState(NamedTuple):
-  model: optax.OptState
-  scales: optax.OptState
-
-
 def split_optimizer(model_tx: optax.GradientTransformation,
                     scales_tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`model_tx` on the model's parameters, `scales_tx` on `{SCALES: ...}`: wrappers written for
   the model's tree (frozen pruning masks) never see the scales."""
-  def split(tree):
-    return ({k: v for k, v in tree.items() if k != SCALES},
-            {k: v for k, v in tree.items() if k == SCALES})
-
-  def init(params):
-    model, scales = split(params)
-    return SplitState(model_tx.init(model), scales_tx.init(scales))
-
-  def update(updates, state, params=None):
-    u_model, u_scales = split(updates)
-    p_model, p_scales = split(params) if params is not None else (None, None)
-    u_model, s_model = model_tx.update(u_model, state.model, p_model)
-    u_scales, s_scales = scales_tx.update(u_scales, state.scales, p_scales)
-    return dict(u_model, **u_scales), SplitState(s_model, s_scales)
-
-  return optax.GradientTransformation(init, update)
+  return schedules.split(SCALES, model_tx, scales_tx)
 
 
 # ---- int8 activations at the seam

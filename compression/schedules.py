@@ -5,6 +5,9 @@ parameters, so it is sharded like them). Every `every` steps between `start` and
 re-ranks the selected weights by magnitude at the ramp's current sparsity; on every step the
 update of a pruned weight is exactly `-param`, so pruned weights are exactly zero after each
 update whatever the inner optimizer (momentum, weight decay) would have done.
+
+`split(key, model_tx, own_tx)` gives the entries a loss keeps beside the model's parameters
+(QAT's learned scales, low-precision amax histories) an optimizer of their own.
 """
 
 from typing import NamedTuple, Optional
@@ -104,5 +107,32 @@ def frozen(inner: optax.GradientTransformation, mask_tree) -> optax.GradientTran
     updates, inner_state = inner.update(updates, state.inner, params)
     updates = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p), updates, params, state.masks)
     return updates, FrozenState(inner_state, state.masks)
+
+  return optax.GradientTransformation(init, update)
+
+
+class SplitState(NamedTuple):
+  model: optax.OptState
+  own: optax.OptState
+
+
+def split(key: str, model_tx: optax.GradientTransformation,
+          own_tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`model_tx` on every top-level entry of the parameters but `key`, `own_tx` on `{key: ...}`:
+  wrappers written for the model's tree (clipping, frozen pruning masks) never see it."""
+  def parts(tree):
+    return ({k: v for k, v in tree.items() if k != key},
+            {k: v for k, v in tree.items() if k == key})
+
+  def init(params):
+    model, own = parts(params)
+    return SplitState(model_tx.init(model), own_tx.init(own))
+
+  def update(updates, state, params=None):
+    u_model, u_own = parts(updates)
+    p_model, p_own = parts(params) if params is not None else (None, None)
+    u_model, s_model = model_tx.update(u_model, state.model, p_model)
+    u_own, s_own = own_tx.update(u_own, state.own, p_own)
+    return dict(u_model, **u_own), SplitState(s_model, s_own)
 
   return optax.GradientTransformation(init, update)

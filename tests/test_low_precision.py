@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 
 import sharding
@@ -115,7 +116,7 @@ def test_delayed_scaling_uses_the_history_and_rolls_in_the_mean_observed_maxima(
   tokens = 8.0
   params = {lp.HISTORY: {'k': jnp.asarray(hist)}, 'w': jnp.zeros(2)}
   grads = {lp.HISTORY: {'k': (g1 + g2) / tokens}, 'w': jnp.ones(2)}
-  tx = lp.split_optimizer(jax.tree.map(lambda g: g, __import__('optax').sgd(1.0)))
+  tx = lp.split_optimizer(optax.sgd(1.0))
   updates, _ = tx.update(grads, tx.init(params), params)
   new = np.asarray(params[lp.HISTORY]['k'] + updates[lp.HISTORY]['k'])
   observed = [1.5 * np.abs(x).max(), 2.0 * np.abs(c).max()]   # means of the two microbatches
