@@ -59,7 +59,7 @@ class Spec:
   symmetric: bool = True
   ranges: str = 'minmax'
   clip: float = 1.0        # min-max range shrink factor (also the learned scales' start)
-  act_bits: int = 0        # 8: int8 inputs per token (needs bits=8, as W8A8 serving does)
+  act_bits: int = 0        # 8: int8 inputs per token (W8A8, or W4A8 with bits=4)
   include: Optional[str] = None
   exclude: Optional[str] = paths.DEFAULT
 
@@ -70,12 +70,6 @@ def check(params, spec: Spec, layouts: paths.Layouts, model_config=None):
     raise ValueError(f'ranges={spec.ranges!r} is not one of {", ".join(RANGES)}')
   if isinstance(spec.act_bits, bool) or spec.act_bits not in ACT_BITS:
     raise ValueError(f'act_bits={spec.act_bits!r} is not one of 0 (off), 8')
-  if spec.act_bits and spec.bits != 8:
-    raise ValueError(f'act_bits=8 needs bits=8 (int8 activations run with int8 weights), not '
-                     f'{spec.bits}')
-  if spec.act_bits and not spec.symmetric:   # W8A8 QTensors take zero points' share from x
-    raise ValueError('act_bits=8 needs symmetric=True: a W8A8 QTensor subtracts its zero '
-                     'points\' share using the float inputs, not the int8 ones it trained with')
   if not isinstance(spec.symmetric, bool):
     raise ValueError(f'symmetric={spec.symmetric!r} must be True or False')
   if isinstance(spec.clip, bool) or not isinstance(spec.clip, (int, float)) or not (

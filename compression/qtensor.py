@@ -12,7 +12,8 @@ as integers.
 
 Execution (`seam.register` below) depends on the backend, because the fast form differs:
   accelerator  weight-only: the integers dequantized into the dot's operand (XLA fuses it);
-               W8A8: s8 x s8 -> s32 `dot_general`, then rescaled.
+               int8 activations (W8A8, W4A8...): s8 x s8 -> s32 `dot_general`s (one per
+               group), then rescaled.
   cpu          XLA-CPU converts int8 -> float at ~1 element/ns and runs mixed or low-precision
                dots 10-15x slower than float ones, but its s8 x s8 -> s32 matrix products are
                as fast as float ones once there are 2+ rows. So weight-only layers split each
@@ -35,7 +36,7 @@ from compression import grid
 from models import seam
 from models.layouts import Layout
 
-ACTIVATIONS = ('none', 'dynamic', 'static')   # weight-only; W8A8 per-token or calibrated scales
+ACTIVATIONS = ('none', 'dynamic', 'static')   # weight-only; int8 per-token or calibrated scales
 
 
 @jax.tree_util.register_dataclass
@@ -238,7 +239,7 @@ def matmul(x_MxI, t: QTensor, q_OxI, scale_GxO, zero_GxO, backend: str):
   x = x_MxI.astype(jnp.float32)
   m = x.shape[0]
   g, o = scale_GxO.shape
-  if t.act != 'none':   # W8A8: integer activations times integer weights
+  if t.act != 'none':   # W8A8 / W4A8: integer activations times integer weights
     s = _row_scale(x) if t.act == 'dynamic' else jnp.broadcast_to(t.act_scale, (m, 1))
     a = jnp.clip(jnp.round(x / s), -127, 127).astype(jnp.int8)
     if backend == 'cpu' and m == 1:   # XLA-CPU's s8 matrix-vector product is 10x slower

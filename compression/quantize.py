@@ -9,8 +9,10 @@ model's seam; everything else stays as it was. Methods (`METHODS`):
   gptq  inverse-Hessian error feedback from calibration inputs (Frantar et al., 2022), block by
         block as the forward pass reaches them, each block seeing the earlier ones quantized.
 AWQ and SmoothQuant rescale the float model first (`compression.smoothing`, function-preserving)
-and then quantize with one of these. `act='dynamic'` or `'static'` makes W8A8 layers: int8
-activations (per-token scales, or one calibrated scale per layer) times int8 weights.
+and then quantize with one of these. `act='dynamic'` or `'static'` makes layers with int8
+activations (per-token scales, or one calibrated scale per layer) times the integer weights:
+W8A8, or W4A8 (torchao's "8da4w": int8 dynamic activations, int4 grouped weights), one s8 x s8
+-> s32 product per group.
 """
 
 import logging
@@ -68,8 +70,6 @@ def check(params, method: str, bits: int, *, group_size: int = 0, clip: str = 'm
     raise ValueError(f'clip={clip!r} is not one of {", ".join(CLIPS)}')
   if act not in qtensor.ACTIVATIONS:
     raise ValueError(f'act={act!r} is not one of {", ".join(qtensor.ACTIVATIONS)}')
-  if act != 'none' and bits != 8:
-    raise ValueError(f'W8A8 (act={act!r}) needs bits=8, not {bits}')
   flat = paths.flatten(params)
   selected = [p for p in paths.select(params, layouts, include, exclude)
               if not isinstance(flat[p], qtensor.QTensor)]
@@ -104,7 +104,8 @@ def quantize(params, method: str = 'rtn', bits: int = 8, *, group_size: int = 0,
       channel, -1 per tensor.
     symmetric: no zero points (False: asymmetric grids with int8 zero points).
     clip: 'minmax' or 'mse' (searched clipping; uses the calibration inputs when given).
-    act: 'none' (weight-only), 'dynamic' or 'static' (W8A8; static needs calibration batches).
+    act: 'none' (weight-only), 'dynamic' or 'static' (int8 activations, any `bits`; static
+      needs calibration batches).
     include, exclude: which weights (`compression.paths.select`).
     model: the `Transformer` (its layouts; its forward pass for calibration).
     batches: calibration batches (`compression.calibration.input_statistics`).

@@ -17,13 +17,14 @@ Variant specs (comma-separated in `config.variants`): a method, then options, ':
   g128 (any g<k>) | pt                groups of k inputs, or one scale per tensor (default: per
                                       output channel)
   asym  mse  act                      zero points; searched clipping; GPTQ's act-order
-  w8a8 | static                       int8 activations, per-token (dynamic) or calibrated
+  a8 (or w8a8) | static               int8 activations, per-token (dynamic) or calibrated,
+                                      times the weights' integers (rtn:int4:g32:a8 is W4A8)
   a0.5                                AWQ / SmoothQuant strength alpha
   ft100 | qat100                      first fine-tune 100 steps: plainly (then quantize), or
                                       quantization-aware on the variant's grid (then convert)
   lsq                                 qat<N> with learned (LSQ) ranges instead of min/max
 e.g. rtn:int8  rtn:int4:g128  gptq:int3:g128:act  awq:int4:g128  smoothquant:w8a8:a0.5
-rtn:int4:g128:qat100. Fine-tunes are training runs in <workdir>/finetune/<variant>/ (resumed, or
+rtn:int4:g128:qat100  rtn:int4:g32:a8:qat100 (QAT with int8 activations too). Fine-tunes are training runs in <workdir>/finetune/<variant>/ (resumed, or
 skipped when complete, when the command runs again).
 """
 
@@ -65,20 +66,20 @@ def parse_variant(spec: str) -> dict:
       v.update(tune=kind, tune_steps=int(token[len(kind):]))
       if not v['tune_steps']:
         raise UserError(f'variant {spec!r}: {token!r} fine-tunes no step')
-    elif re.fullmatch(r'a[0-9.]+', token):
+    elif re.fullmatch(r'a[0-9.]+', token) and token != 'a8':   # a8: int8 activations
       try:
         v['alpha'] = float(token[1:])
       except ValueError:
         raise UserError(f'variant {spec!r}: {token!r} is not a number after a') from None
     elif token == 'lsq':
       v['ranges'] = 'learned'
-    elif token in ('pt', 'asym', 'mse', 'act', 'w8a8', 'static'):
+    elif token in ('pt', 'asym', 'mse', 'act', 'a8', 'w8a8', 'static'):
       v.update(dict(pt=dict(group_size=grid.PER_TENSOR), asym=dict(symmetric=False),
-                    mse=dict(clip='mse'), act=dict(act_order=True),
+                    mse=dict(clip='mse'), act=dict(act_order=True), a8=dict(act='dynamic'),
                     w8a8=dict(act='dynamic'), static=dict(act='static'))[token])
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: int<bits>, g<k>, '
-                      f'pt, asym, mse, act, w8a8, static, a<alpha>, ft<N>, qat<N>, lsq')
+                      f'pt, asym, mse, act, a8, w8a8, static, a<alpha>, ft<N>, qat<N>, lsq')
   if v['method'] == 'smoothquant' and v['act'] == 'none':
     v['act'] = 'dynamic'   # SmoothQuant exists to make W8A8 work
   if v['method'] == 'mixed' and (v['act'] != 'none' or v['clip'] != 'minmax'):
@@ -87,6 +88,9 @@ def parse_variant(spec: str) -> dict:
   if v['tune'] == 'qat' and (v['method'] != 'rtn' or v['clip'] != 'minmax'):
     raise UserError(f'variant {spec!r}: qat trains on the round-to-nearest min/max grid; use '
                     f'rtn without mse')
+  if v['tune'] == 'qat' and v['act'] == 'static':
+    raise UserError(f'variant {spec!r}: qat trains int8 activations with per-token (dynamic) '
+                    f'scales; use a8, not static')
   if v['ranges'] == 'learned' and v['tune'] != 'qat':
     raise UserError(f'variant {spec!r}: lsq (learned ranges) applies to qat<N> fine-tunes only')
   if v['act_order'] and v['method'] != 'gptq':
@@ -216,7 +220,7 @@ def _tune_config(v: dict, config, src, model, step: int):
   sub.qat = base.base_config().qat
   if v['tune'] == 'qat':
     sub.qat.update(bits=v['bits'], group_size=v['group_size'], symmetric=v['symmetric'],
-                   ranges=v['ranges'],
+                   ranges=v['ranges'], act_bits=8 if v['act'] == 'dynamic' else 0,
                    include=config.include)
   return sub
 

@@ -147,6 +147,7 @@ SERVED = {   # name: (spec, model config)
     'minmax': (qat.Spec(bits=4, group_size=16, symmetric=True), CFG),
     'learned_per_tensor': (qat.Spec(bits=8, group_size=-1, ranges='learned', clip=0.9), CFG),
     'w8a8_scanned': (qat.Spec(bits=8, group_size=8, ranges='learned', act_bits=8), SCANNED),
+    'w4a8_asym': (qat.Spec(bits=4, group_size=16, symmetric=False, act_bits=8), CFG),
 }
 
 
@@ -292,13 +293,9 @@ def test_bad_qat_fields_are_one_line_errors(data_dir, field, value, match):
   assert '\n' not in str(e.value)
 
 
-def test_w8a8_needs_symmetric_8_bit_weights(data_dir):
+def test_int8_activations_go_with_any_weight_grid_and_an_off_qat_is_not_checked(data_dir):
   config = _tiny(data_dir)
-  config.qat.bits = 4
-  with pytest.raises(UserError, match=r'config\.qat\.act_bits=8 needs bits=8'):
-    validate.check_fields(config)
-  config.qat.update(bits=8, symmetric=False)
-  with pytest.raises(UserError, match=r'config\.qat\.act_bits=8 needs symmetric=True'):
-    validate.check_fields(config)
-  config.qat.update(bits=0)   # off: nothing else is looked at
+  config.qat.update(bits=4, group_size=16, symmetric=False, act_bits=8)   # W4A8, asymmetric
+  validate.check_fields(config)
+  config.qat.update(bits=0, act_bits=4)   # off: nothing else is looked at
   validate.check_fields(config)

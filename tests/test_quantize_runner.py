@@ -71,7 +71,8 @@ def test_the_outlier_testbed_keeps_the_float_loss(source, tmp_path):
     ('hqq:int4', "unknown method 'hqq'"), ('rtn:int5', 'bits=5 is not one of'),
     ('rtn:int4:g24', 'group_size=24 does not divide'), ('rtn:fast', "unknown option 'fast'"),
     ('awq:int4:act', 'act-order.*gptq only'), ('smoothquant:a1.5', 'alpha=1.5 must be in'),
-    ('rtn:int4:w8a8', 'needs bits=8'), ('rtn:int4:lsq', r'lsq \(learned ranges\) applies to qat')])
+    ('rtn:int4:static:qat5', 'use a8, not static'),
+    ('rtn:int4:lsq', r'lsq \(learned ranges\) applies to qat')])
 def test_bad_variants_are_one_clear_error_before_any_work(source, tmp_path, spec, match):
   with pytest.raises(UserError, match=match) as e:
     quantize.check(config_for(source, spec), tmp_path / 'out')
@@ -118,6 +119,20 @@ def test_quantization_aware_and_plain_fine_tunes_run_through_the_training_loop(s
     assert ran['qat']['ranges'] == ('learned' if 'qat' in name else 'minmax')
   again = quantize.run(config, tmp_path)   # the fine-tunes are complete: reused, not rerun
   assert again[2]['nats_per_byte'] == qat_row['nats_per_byte']
+
+
+def test_qat_with_int8_activations_serves_w4a8_integers(source, tmp_path):
+  # torchao's 8da4w: int8 per-token activations and asymmetric int4 grouped weights, trained
+  # through ActQuant and served as s8 x s8 products per group.
+  rows = quantize.run(config_for(source, 'rtn:int4:g16:asym:a8:qat2'), tmp_path)
+  ran = json.loads((tmp_path / 'finetune' / 'rtn-int4-g16-asym-a8-qat2' / 'config.json'
+                    ).read_text())
+  assert ran['qat']['act_bits'] == 8 and ran['qat']['symmetric'] is False
+  assert rows[1]['nats_per_byte'] == pytest.approx(rows[1]['qat_eval_nats_per_byte'], rel=1e-4)
+  leaves = jax.tree.leaves(saved.load(tmp_path / 'params' / 'rtn-int4-g16-asym-a8-qat2'),
+                           is_leaf=lambda x: isinstance(x, qtensor.QTensor))
+  quantized = [x for x in leaves if isinstance(x, qtensor.QTensor)]
+  assert quantized and all(x.act == 'dynamic' and x.bits == 4 for x in quantized)
 
 
 # ---- Saved variants read like any run: --mode=eval and --mode=sample with --variant.

@@ -74,8 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.qat.ranges = 'minmax'           # 'minmax' (fitted to the weights every step) or 'learned'
                                          # (LSQ scales, trained; start from min-max)
   config.qat.clip = 1.0                  # fraction of the min-max range kept (outliers clipped)
-  config.qat.act_bits = 0                # 8: int8 inputs per token too (W8A8: needs bits=8,
-                                         # symmetric)
+  config.qat.act_bits = 0                # 8: int8 inputs per token too (W8A8; with bits=4
+                                         # W4A8, torchao's 8da4w)
   config.qat.include = ''                # regex over weight paths ('' : all but embeddings/head/
                                          # routers)
 
