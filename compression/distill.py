@@ -15,11 +15,18 @@ two distributions restricted to those k ids, each renormalised over them (the te
 log-probabilities divided by T; the student's logits at those ids); with k = V it is the full
 divergence. Nothing here sees parameters: the losses that run the teacher and student models
 build on these functions.
+
+`Loss` is distillation as a loss of the one training loop: the student's LM loss (`base`, e.g.
+`experiments.steps.LmLoss`, read through its `forward`) and a teacher model whose parameters
+arrive among the loss's parameters under `TEACHER` (the training step's `frozen` input: no
+gradient, no optimizer state, no checkpoint), or a batch carrying the teacher's top-k
+(`teacher_ids`, `teacher_logprobs`, computed offline). Quantization-aware training and
+low-precision matmuls wrap it like any loss and touch only the student's weights.
 """
 
 import dataclasses
 import math
-from typing import NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -110,3 +117,60 @@ def token_losses(student_BxLxV, teacher: Teacher, targets_BxL, spec: Spec):
   best = teacher.ids[..., 0] if isinstance(teacher, TopK) else jnp.argmax(teacher, axis=-1)
   agree = (jnp.argmax(logits, axis=-1) == best).astype(jnp.float32)
   return total, kd, ce, agree
+
+
+# ---- the loss of the training loop
+
+TEACHER = 'distill_teacher'   # the entry of the loss's parameters holding the teacher's
+OFFLINE = ('teacher_ids', 'teacher_logprobs')   # batch fields of offline top-k teacher logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """The KD loss of `spec` for a student (`base`) and a `teacher` model; summed over tokens like
+  `base`, with sums 'ce' (the student's own cross-entropy), 'kd' (the divergence), 'agree'
+  (student's top token == teacher's) and 'tokens'. Frozen and hashable: a static jit argument.
+  """
+  base: Callable   # `base.forward(params, batch, rng) -> (logits, router loss, router metrics)`
+  teacher: Any     # the teacher's flax module (e.g. a `models.Transformer`)
+  spec: Spec
+
+  @property
+  def model(self):
+    return self.base.model
+
+  def __call__(self, params, batch, rng=None):
+    student = {k: v for k, v in params.items() if k != TEACHER}
+    logits, router, metrics = self.base.forward(student, batch, rng)
+    teacher = self.teacher_distribution(params.get(TEACHER), batch)
+    if not isinstance(teacher, TopK) and teacher.shape[-1] != logits.shape[-1]:
+      raise ValueError(f'the teacher scores {teacher.shape[-1]} tokens and the student '
+                       f'{logits.shape[-1]}: they need one vocabulary')
+    total, kd, ce, agree = token_losses(logits, teacher, batch['targets'], self.spec)
+    z_loss = getattr(self.base, 'z_loss', 0.0)
+    if z_loss:
+      total = total + z_loss * jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), -1))
+    w = batch['weights']
+    tokens = jnp.sum(w)
+    sums = dict(ce=jnp.sum(ce * w), kd=jnp.sum(kd * w), agree=jnp.sum(agree * w), tokens=tokens)
+    sums.update({k: tokens * v for k, v in metrics.items()})
+    return jnp.sum(total * w) + tokens * router, sums
+
+  def teacher_distribution(self, teacher_params, batch) -> Teacher:
+    """The teacher's logits of `batch` (its top k with `spec.top_k`), or the batch's offline
+    top k; never differentiated."""
+    if all(k in batch for k in OFFLINE):
+      return TopK(batch['teacher_ids'], jax.lax.stop_gradient(batch['teacher_logprobs']))
+    if teacher_params is None:
+      raise ValueError(f'no teacher: pass its parameters as the step\'s frozen {{{TEACHER!r}: '
+                       f'params}} or batches with {" and ".join(OFFLINE)}')
+    logits = self.teacher.apply({'params': jax.lax.stop_gradient(teacher_params)},
+                                batch['inputs'], positions=batch['positions'],
+                                segment_ids=batch['segment_ids'])
+    logits = jax.lax.stop_gradient(logits)
+    return top_k(logits, self.spec.top_k) if self.spec.top_k else logits
+
+
+def loss(base: Callable, teacher, spec: Spec) -> Loss:
+  """The distillation loss of a student's `base` loss and a `teacher` module (spec checked)."""
+  return Loss(base, teacher, check(spec))

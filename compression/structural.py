@@ -180,11 +180,26 @@ def layers(cfg, params, n_remove: int, importance: str = 'l2', grads=None):
                            None if gflat is None else np.asarray(gflat[p]).reshape(1, -1), 0)],
                          importance)[0] / v.size for p, v in flat.items()]
     scores.append(np.mean(per_tensor))
-  kept = _keep_top(np.array(scores), cfg.n_layers - n_remove)
+  return keep_layers(cfg, params, _keep_top(np.array(scores), cfg.n_layers - n_remove))
+
+
+def keep_layers(cfg, params, kept):
+  """The blocks `kept` (ascending layer indices), renumbered 0..len-1, and everything outside
+  the blocks; returns (cfg, params, kept layers)."""
+  names = [block_name(i) for i in range(cfg.n_layers)]
   out = {k: v for k, v in params.items() if k not in names}
   for i, old in enumerate(kept):
     out[block_name(i)] = params[names[old]]
-  return cfg.replace(n_layers=len(kept)), out, kept
+  return cfg.replace(n_layers=len(kept)), out, list(kept)
+
+
+def every_nth_layer(cfg, params, n: int):
+  """A shallower model from blocks 0, n, 2n, ... (a student initialised from its teacher, as
+  DistilBERT is); returns (cfg, params, kept layers)."""
+  if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.n_layers:
+    raise ValueError(f'every n-th layer: n={n!r} must be an integer in [1, {cfg.n_layers}]')
+  check('layers', cfg, 0)   # unrolled, unshared blocks
+  return keep_layers(cfg, params, list(range(0, cfg.n_layers, n)))
 
 
 def experts(cfg, params, fraction: float, importance: str = 'l2', grads=None):

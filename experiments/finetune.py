@@ -24,20 +24,22 @@ from experiments.errors import UserError
 
 
 def derived_config(source, model_cfg, *, num_steps: int, learning_rate: float, seed: int,
-                   origin: dict, mesh=None, sharding_rules=None) -> ml_collections.ConfigDict:
+                   origin: dict, mesh=None, sharding_rules=None,
+                   warmup_steps: int = 10) -> ml_collections.ConfigDict:
   """The training config of a short run of `model_cfg` on `source`'s data and optimizer.
 
   Args:
     source: the training config of the run the parameters come from (its config.json).
     model_cfg: the `ModelConfig` to train (e.g. a structural variant's smaller one).
-    num_steps, learning_rate: the run's length and peak rate (warmup min(10, num_steps)).
+    num_steps, learning_rate: the run's length and peak rate (warmup min(warmup_steps,
+      num_steps)).
     seed: data order (and router jitter) of the run.
     origin: JSON-able description of the starting parameters; part of the run's signature.
     mesh, sharding_rules: where it runs (default: the source's).
   """
   d = source.to_dict()
   d['model'] = dataclasses.asdict(model_cfg)   # with vocab_size: it may exceed the tokenizer's
-  d['optimizer'].update(learning_rate=learning_rate, warmup_steps=min(10, num_steps))
+  d['optimizer'].update(learning_rate=learning_rate, warmup_steps=min(warmup_steps, num_steps))
   d['pruning'].update(final_sparsity=0.0)   # masks, if any, come frozen with the parameters
   d['sample'].update(num_prompts=0)
   d.update(num_train_steps=num_steps, eval_every=num_steps, seed=seed,
@@ -51,8 +53,11 @@ def derived_config(source, model_cfg, *, num_steps: int, learning_rate: float, s
   return ml_collections.ConfigDict(d)
 
 
-def run(config, workdir, params, masks=None, source_workdir=None) -> dict:
-  """Fine-tunes `params` by `config` in `workdir` (weights where `masks` is False stay 0).
+def run(config, workdir, params, masks=None, source_workdir=None, make_loss=None,
+        frozen=None) -> dict:
+  """Fine-tunes `params` by `config` in `workdir` (weights where `masks` is False stay 0);
+  `params` None starts from the config's initialisation. `make_loss` and `frozen` (e.g. a
+  distillation loss and its teacher) are `train.train_and_evaluate`'s.
 
   Continues the workdir's fine-tune, or returns at once with its final evaluation when it is
   complete; one of another origin is archived first (workdir/archive/<n>/). The run uses the
@@ -62,7 +67,8 @@ def run(config, workdir, params, masks=None, source_workdir=None) -> dict:
   workdir = epath.Path(workdir)
   _prepare(config, workdir, source_workdir)
   wrap = None if masks is None else lambda tx: schedules.frozen(tx, masks)
-  metrics = train.train_and_evaluate(config, workdir, params=params, wrap_optimizer=wrap)
+  metrics = train.train_and_evaluate(config, workdir, params=params, wrap_optimizer=wrap,
+                                     make_loss=make_loss, frozen=frozen)
   done = workdir_lib.checkpoint_steps(workdir)
   if not done or done[-1] < config.num_train_steps:
     raise UserError(f'the fine-tune in {workdir} stopped at step {done[-1] if done else 0} of '

@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import (benchmark, compare, decode_benchmark, prune, quantize, runtime, saved,
-                         train)
+from experiments import (benchmark, compare, decode_benchmark, distill, prune, quantize, runtime,
+                         saved, train)
 from experiments.errors import UserError
 
 
@@ -69,6 +69,11 @@ def _quantize(config, workdir, flags: Flags):
   return (epath.Path(workdir) / 'results.md').read_text()
 
 
+def _distill(config, workdir, flags: Flags):
+  distill.run(config, workdir)
+  return (epath.Path(workdir) / 'results.md').read_text()
+
+
 def _benchmark(config, workdir, flags: Flags):
   benchmark.run(config, flags.steps, flags.vocab_size, flags.remat)   # prints as it measures
 
@@ -93,6 +98,8 @@ RUNNERS = {
                     distributed=False),
     'quantize': Runner(_quantize, 'quantizes a trained run: experiments/configs/quantize.py '
                        'configs', distributed=False),
+    'distill': Runner(_distill, 'trains students of a trained teacher run: '
+                      'experiments/configs/distill.py configs', distributed=False),
     'benchmark': Runner(_benchmark, 'times the train step on synthetic batches (no workdir)',
                         flags=('steps', 'vocab_size', 'remat'), needs_workdir=False,
                         distributed=False),

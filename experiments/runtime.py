@@ -66,12 +66,18 @@ class Placement:
   """The mesh, the rules, and the jitted steps with their input/output shardings.
 
   `loss` is the training loss (default: `steps.lm_loss` with the config's z-loss); evaluation
-  always measures the model's own language-model loss.
+  always measures the model's own language-model loss. `frozen` ({entry: (tree, logical names
+  {path: names})}, e.g. a distillation teacher's parameters) is laid out on the mesh by its
+  names and handed to every train step (`steps.train_step`'s `frozen`), never trained or saved.
   """
 
-  def __init__(self, config, model, tx, loss=None):
+  def __init__(self, config, model, tx, loss=None, frozen=None):
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules_for(config.sharding_rules)
+    self.frozen = None if not frozen else {
+        k: self._place(tree, sharding.tree_shardings(tree, self.mesh, self.rules, names))
+        for k, (tree, names) in frozen.items()}
+    frozen_sh = () if self.frozen is None else (jax.tree.map(lambda x: x.sharding, self.frozen),)
     self.model, self.tx = model, tx
     self.loss = loss if loss is not None else steps.lm_loss(model, config.optimizer.z_loss)
     self.init = steps.state_init_fn(model, tx, config.data.seq_len, self.loss)
@@ -82,7 +88,8 @@ class Placement:
     self.train_step = jax.jit(
         functools.partial(steps.train_step, loss=self.loss, accum_steps=config.grad_accum_steps,
                           seed=config.seed),
-        in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=0)
+        in_shardings=(state_sh, batch_sh, repl) + frozen_sh, out_shardings=(state_sh, repl),
+        donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
     # Trees of other leaf types (quantized weights) run laid out as they were placed.
@@ -99,7 +106,12 @@ class Placement:
                  weights=jax.ShapeDtypeStruct(i32.shape, jnp.float32, sharding=i32.sharding))
     token_bytes = jax.ShapeDtypeStruct((vocab_size,), jnp.float32, sharding=self.replicated)
     with self.rules_scope():
-      return self.train_step.lower(self.abstract, batch, token_bytes).compile()
+      return self.train_step.lower(self.abstract, batch, token_bytes, *self.frozen_args).compile()
+
+  @property
+  def frozen_args(self) -> tuple:
+    """What the train step takes after (state, batch, token_bytes): (frozen,) if any."""
+    return () if self.frozen is None else (self.frozen,)
 
   def place_params(self, params):
     """A parameter tree (host or device arrays) laid out on the mesh like `abstract.params`."""
@@ -107,10 +119,14 @@ class Placement:
     if problems:
       raise UserError(f'the parameters do not fit config.model: {"; ".join(problems[:3])}')
 
-    def put(x, a):
+    return self._place(params, jax.tree.map(lambda a: a.sharding, self.abstract.params))
+
+  @staticmethod
+  def _place(tree, shardings):
+    def put(x, s):
       x = np.asarray(jax.device_get(x))
-      return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index])
-    return jax.tree.map(put, params, self.abstract.params)
+      return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+    return jax.tree.map(put, tree, shardings)
 
   def batch(self, local_batch):
     """This host's rows -> one global batch laid out over the mesh."""

@@ -110,17 +110,20 @@ class LmLoss:
   model: Transformer
   z_loss: float = 0.0
 
-  def __call__(self, params, batch, rng=None):
+  def forward(self, params, batch, rng=None):
+    """(logits [B, L, V], the router loss per token, the router metrics) of `batch`: what a
+    loss built on this one (distillation) reads of the model."""
     cfg = self.model.config
     inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
-    router, metrics = 0.0, {}
-    if cfg.n_experts:
-      rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
-      logits, state = self.model.apply({'params': params}, batch['inputs'], mutable=['moe'],
-                                       rngs=rngs, **inputs)
-      router, metrics = moe.router_loss(state['moe'], cfg)
-    else:
-      logits = self.model.apply({'params': params}, batch['inputs'], **inputs)
+    if not cfg.n_experts:
+      return self.model.apply({'params': params}, batch['inputs'], **inputs), 0.0, {}
+    rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
+    logits, state = self.model.apply({'params': params}, batch['inputs'], mutable=['moe'],
+                                     rngs=rngs, **inputs)
+    return (logits,) + tuple(moe.router_loss(state['moe'], cfg))
+
+  def __call__(self, params, batch, rng=None):
+    logits, router, metrics = self.forward(params, batch, rng)
     ce, z = token_losses(logits, batch['targets'], self.z_loss)
     w = batch['weights']
     tokens = jnp.sum(w)
@@ -191,14 +194,20 @@ def model_only(params):
 
 
 @functools.partial(jax.jit, static_argnames=('loss', 'accum_steps', 'seed'), donate_argnums=0)
-def train_step(state: TrainState, batch, token_bytes, *, loss, accum_steps: int, seed: int = 0):
+def train_step(state: TrainState, batch, token_bytes, frozen=None, *, loss, accum_steps: int,
+               seed: int = 0):
   """One optimizer step on `batch`, split into `accum_steps` microbatches whose grads are summed.
 
   `loss(params, batch, rng) -> (total, sums)` is summed over tokens (see `LmLoss`): `sums`
   holds 'tokens' (the normaliser), 'ce' (reported as `loss` and `bits_per_byte`) and any other
-  terms, each reported divided by the tokens ('z' as `z_loss`).
+  terms, each reported divided by the tokens ('z' as `z_loss`). `frozen` ({entry: tree}, e.g. a
+  distillation teacher's parameters) joins the parameters the loss sees, outside the gradient,
+  the optimizer and the checkpoints.
   """
-  grad_fn = jax.grad(loss, has_aux=True)
+  def loss_fn(params, mb, rng):
+    return loss(params if frozen is None else dict(params, **frozen), mb, rng)
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
   step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def microbatch(mb, i):
@@ -242,7 +251,8 @@ def train_step(state: TrainState, batch, token_bytes, *, loss, accum_steps: int,
   return state, metrics
 
 
-_METRIC_NAMES = dict(z='z_loss')   # how a summed term is named among the step's metrics
+# How a summed term is named among the step's metrics.
+_METRIC_NAMES = dict(z='z_loss', kd='kd_loss', agree='teacher_agreement')
 
 
 @functools.partial(jax.jit, static_argnames=('loss',))

@@ -114,7 +114,7 @@ def _set_aside_previous_run(workdir, resume: str):
 
 
 def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
-                       wrap_optimizer=None, make_loss=None) -> dict:
+                       wrap_optimizer=None, make_loss=None, frozen=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics.
 
   `resume`: 'auto' continues the workdir's run and refuses one of another configuration;
@@ -129,6 +129,8 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     wrap_optimizer: `tx -> tx` around the config's optimizer, e.g. frozen pruning masks
       (`compression.schedules.frozen`).
     make_loss: `model -> loss` (see `steps.LmLoss`); default `steps.lm_loss(model, z_loss)`.
+    frozen: {entry: (tree, logical names)} the loss reads beside the parameters, untrained and
+      unsaved, e.g. `{compression.distill.TEACHER: (teacher params, names)}` (`Placement`).
   With `config.qat.bits` > 0 the loss is quantization-aware (`steps.qat_loss` around it) and
   evaluation and samples run the fake-quantized model, the one `compression.qat.convert` serves;
   with `config.low_precision.format` set its matmuls run on int8 or fp8 (`steps.training_loss`).
@@ -159,7 +161,7 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     failed = True
     try:
-      placement = Placement(config, model, tx, loss)
+      placement = Placement(config, model, tx, loss, frozen)
       start = _start_state(ckpts, placement, signature, params_from, params)
       result = _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
       failed = False
@@ -228,7 +230,7 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
     while step < total and not stop.requested:
       batch = placement.batch(next(train_iter))
       with placement.rules_scope():
-        state, metrics = train_step(state, batch, token_bytes)
+        state, metrics = train_step(state, batch, token_bytes, *placement.frozen_args)
       step += 1
       monitor.push(step, metrics)
       checkpoint_now = step % config.checkpoint_every == 0 or step == total

@@ -43,11 +43,12 @@ def _finite(x) -> bool:
 
 
 def check_kind(config, mode: str) -> None:
-  """A training config for train/eval/sample/benchmark; a compression config (pruning or
-  quantization: variants of a source run) for prune and quantize."""
+  """A training config for train/eval/sample/benchmark; a compression config (pruning,
+  quantization or distillation: variants of a source run) for prune, quantize and distill."""
   is_training = 'model' in config and 'optimizer' in config
-  derived = mode in ('prune', 'quantize')
-  kind, name = ('pruning', 'prune') if mode == 'prune' else ('quantization', 'quantize')
+  derived = mode in ('prune', 'quantize', 'distill')
+  kind, name = dict(prune=('pruning', 'prune'), distill=('distillation', 'distill')).get(
+      mode, ('quantization', 'quantize'))
   wanted = f'--mode={mode} needs a {kind} config such as experiments/configs/{name}.py'
   if derived and is_training:
     raise UserError(f'{wanted}; this is a training config')

@@ -1,12 +1,17 @@
 """Distillation losses (compression/distill.py) against hand computations in NumPy."""
 
-import numpy as np
-import pytest
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-from compression import distill
+import sharding
+from compression import distill, qat
+from experiments import steps
+from models import ModelConfig, Transformer, layouts
+from tests.conftest import init_params, lm_batches
 
 RNG = np.random.default_rng(0)
 STUDENT = RNG.normal(size=(2, 3, 6)) * 2.0   # [B, L, V] logits
@@ -109,3 +114,112 @@ def test_bad_fields_are_one_line_errors(field, value, match):
   with pytest.raises(ValueError, match=match) as e:
     distill.check(distill.Spec(**{field: value}))
   assert '\n' not in str(e.value)
+
+
+# ---- the loss of the training loop: a student and a frozen teacher
+
+STUDENT_CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+TEACHER_CFG = ModelConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2,
+                          d_ff=96)
+BATCH = {k: jnp.asarray(v) for k, v in lm_batches(64, rows=4, length=12, padded_rows=1)[0].items()}
+
+
+def _pair(spec, student_cfg=STUDENT_CFG):
+  student, teacher = Transformer(student_cfg), Transformer(TEACHER_CFG)
+  return (distill.loss(steps.lm_loss(student), teacher, spec), init_params(student_cfg, 1),
+          init_params(TEACHER_CFG, 2))
+
+
+def _apply(cfg, params):
+  return Transformer(cfg).apply({'params': params}, BATCH['inputs'], positions=BATCH['positions'],
+                                segment_ids=BATCH['segment_ids'])
+
+
+@pytest.mark.parametrize('spec', [distill.Spec(alpha=0.7, temperature=2.0),
+                                  distill.Spec(alpha=1.0, divergence='reverse_kl', top_k=5)])
+def test_the_loss_is_the_token_losses_of_the_two_models_logits(spec):
+  loss, sp, tp = _pair(spec)
+  total, sums = loss(dict(sp, **{distill.TEACHER: tp}), BATCH)
+  teacher = _apply(TEACHER_CFG, tp)
+  teacher = distill.top_k(teacher, spec.top_k) if spec.top_k else teacher
+  want, kd, ce, agree = distill.token_losses(_apply(STUDENT_CFG, sp), teacher, BATCH['targets'],
+                                             spec)
+  w = BATCH['weights']
+  assert float(jnp.sum(w)) < w.size   # the padding's weight-0 tokens count nowhere
+  np.testing.assert_allclose(total, jnp.sum(want * w), rtol=1e-5)
+  for name, value in (('kd', kd), ('ce', ce), ('agree', agree)):
+    np.testing.assert_allclose(sums[name], jnp.sum(value * w), rtol=1e-5)
+  assert float(sums['tokens']) == float(jnp.sum(w))
+
+
+def test_no_gradient_reaches_the_teacher_and_alpha_zero_is_the_lm_loss():
+  loss, sp, tp = _pair(distill.Spec(alpha=0.0))
+  grads = jax.grad(lambda p: loss(p, BATCH)[0])(dict(sp, **{distill.TEACHER: tp}))
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads[distill.TEACHER]))
+  lm = steps.lm_loss(Transformer(STUDENT_CFG))
+  want = jax.grad(lambda p: lm(p, BATCH)[0])(sp)
+  for a, b in zip(jax.tree.leaves({k: v for k, v in grads.items() if k != distill.TEACHER}),
+                  jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  kd, _, _ = _pair(distill.Spec(alpha=0.5))
+  g_kd = jax.grad(lambda p: kd(p, BATCH)[0])(dict(sp, **{distill.TEACHER: tp}))
+  assert float(optax.tree.norm({k: v for k, v in g_kd.items() if k != distill.TEACHER})) > 0
+  assert float(optax.tree.norm(g_kd[distill.TEACHER])) == 0.0
+
+
+def test_offline_top_k_in_the_batch_reproduces_the_online_loss():
+  spec = distill.Spec(alpha=0.6, temperature=1.5, divergence='jsd', top_k=8)
+  loss, sp, tp = _pair(spec)
+  online = loss(dict(sp, **{distill.TEACHER: tp}), BATCH)
+  top = distill.top_k(_apply(TEACHER_CFG, tp), 8)
+  offline = loss(sp, dict(BATCH, teacher_ids=top.ids, teacher_logprobs=top.logprobs))
+  for a, b in zip(jax.tree.leaves(online), jax.tree.leaves(offline)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(ValueError, match='no teacher') as e:
+    loss(sp, BATCH)
+  assert '\n' not in str(e.value)
+
+
+def test_a_vocabulary_mismatch_is_one_line():
+  loss, sp, tp = _pair(distill.Spec(), STUDENT_CFG.replace(vocab_size=72))
+  with pytest.raises(ValueError, match='the teacher scores 64 tokens and the student 72') as e:
+    loss(dict(sp, **{distill.TEACHER: tp}), BATCH)
+  assert '\n' not in str(e.value)
+
+
+def test_quantization_aware_training_wraps_the_student_only():
+  spec = qat.Spec(bits=4, group_size=16)
+  kd, sp, tp = _pair(distill.Spec(alpha=0.5))
+  both = qat.loss(kd, spec)
+  got = both(dict(sp, **{distill.TEACHER: tp}), BATCH)
+  fake = qat.fake_quantize(sp, spec, layouts.of_config(STUDENT_CFG))
+  want = kd(dict(fake, **{distill.TEACHER: tp}), BATCH)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_the_distillation_step_on_a_2x2x2_mesh_equals_one_device():
+  student_cfg = STUDENT_CFG.replace(n_heads=4, n_kv_heads=2)
+  loss, _, tp = _pair(distill.Spec(alpha=0.5, temperature=2.0), student_cfg)
+  model, tx = Transformer(student_cfg), optax.adamw(1e-3)
+  init = steps.state_init_fn(model, tx, 12)
+  batch = lm_batches(64, rows=8, length=12)[0]
+  step = lambda state, b, frozen: steps.train_step(state, b, jnp.ones((64,)), frozen,
+                                                   loss=loss, accum_steps=2)
+  one = nn.meta.unbox(init(jax.random.key(0)))
+  want_state, want = step(one, batch, {distill.TEACHER: tp})
+  mesh_config = sharding.default_mesh_config()
+  mesh_config.update(data=2, fsdp=2, tensor=2)
+  mesh, rules = sharding.make_mesh(mesh_config), sharding.rules_for('fsdp_tp')
+  state = sharding.create_sharded(init, mesh, rules, jax.random.key(0))
+  names = layouts.logical_names(Transformer(TEACHER_CFG))
+  teacher = jax.device_put(tp, sharding.tree_shardings(tp, mesh, rules, names))
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(teacher))
+  with sharding.activation_rules(mesh, rules):
+    got_state, got = step(state, sharding.global_batch(batch, mesh, rules),
+                          {distill.TEACHER: teacher})
+  for k in ('loss', 'kd_loss', 'teacher_agreement', 'grad_norm'):
+    assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5), k
+  for a, b in zip(jax.tree.leaves(jax.device_get(got_state.params)),
+                  jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,51 @@
+"""Distillation experiments on a trained teacher run (experiments/distill.py): students trained
+from scratch, by knowledge distillation, or initialised from the teacher, at equal steps.
+
+Command (after training the teacher: `python -m experiments.main
+--config=experiments/configs/shakespeare.py:teacher --workdir=runs/teacher`):
+  python -m experiments.main --mode=distill --config=experiments/configs/distill.py:half \
+      --workdir=runs/distill --config.source_workdir=runs/teacher
+Variants: `half` (a half-depth student: from scratch with cross-entropy, by logit KD, and
+initialised from every other teacher layer then KD), `minitron` (the teacher's FFN neurons
+pruned 50%: KD vs plain fine-tune, and the same shape from scratch). Any list can be given with
+--config.variants=L3:scratch:kd:t2 (see experiments/distill.py for the syntax). The teacher's
+files are only read; each student trains in <workdir>/students/<variant>/.
+"""
+
+import ml_collections
+
+from experiments.configs import prune
+
+NAMED = {
+    'half': 'scratch:ce,scratch:kd,every2:kd',
+    'minitron': 'ffn50:ce,ffn50:kd,ffn50:scratch:ce',
+}
+
+
+def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.source_workdir = 'runs/teacher'   # the teacher: a training run (config.json, checkpoints)
+  if arg not in NAMED:
+    raise ValueError(f'unknown variant {arg!r} of distill.py; known: {", ".join(NAMED)}')
+  config.variants = NAMED[arg]
+  # Every student trains this many steps on the teacher run's data, at this peak rate (linear
+  # warmup, then the teacher run's decay), with data order `seed`.
+  config.num_steps = 450
+  config.learning_rate = 2e-3
+  config.warmup_steps = 50
+  config.seed = 0
+  # The KD loss (compression/distill.py): alpha * T^2 * divergence + (1 - alpha) * CE.
+  config.kd = ml_collections.ConfigDict()
+  config.kd.alpha = 0.5
+  config.kd.temperature = 1.0
+  config.kd.divergence = 'forward_kl'   # forward_kl | reverse_kl | jsd
+  config.kd.beta = 0.5                  # jsd's teacher weight
+  config.kd.top_k = 0                   # > 0: the teacher's k most likely tokens only
+  # What the shared source checks read (unused by distillation itself).
+  config.calibration_batches = 1
+  config.calibration_rows = 8
+  config.outliers = prune.outliers(0)
+  # Where students train. Unset sizes and '' keep the teacher run's mesh and rules.
+  config.mesh = prune.get_config().mesh
+  config.sharding_rules = ''
+  return config

@@ -1,0 +1,206 @@
+"""Distillation experiments on a trained teacher: `run(config, workdir)` (main.py --mode=distill).
+
+Loads the teacher run (`config.source_workdir`: its config.json and latest checkpoint,
+read-only), evaluates it, then for each variant in `config.variants` makes a student, trains it
+`config.num_steps` steps on the teacher run's data and tokenizer through the one training loop
+(`experiments/finetune.py`, in <workdir>/students/<variant>/: resumed, or skipped when
+complete, when the command runs again), with cross-entropy or the KD loss of
+`compression.distill` (the teacher's parameters are the step's frozen input, on the same mesh),
+and evaluates it. Writes results.json (one row per variant: `variant`, `nats_per_byte`,
+`params`, ...) and results.md.
+
+Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
+  L<n>            the student's depth (default: half the teacher's, rounded up)
+  ffn<p>          the teacher's FFN neurons pruned by p% (`compression.structural`, l2 norms):
+                  the student is the pruned teacher (Minitron's width pruning)
+  scratch         a fresh initialisation of the student's shape (default for L<n>)
+  every<k>        blocks 0, k, 2k, ... of the teacher (DistilBERT's initialisation)
+  ce | kd         plain cross-entropy, or the KD loss of `config.kd` (default: kd)
+  rkl | jsd       kd with reverse KL or the generalized JSD instead of `config.kd.divergence`
+  t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
+e.g. scratch:ce  scratch:kd  every2:kd  ffn50:kd  ffn50:ce  ffn50:scratch:ce  L2:scratch:jsd:t2
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import re
+
+import jax
+import numpy as np
+from etils import epath
+
+from compression import distill as distill_lib
+from compression import structural
+from experiments import finetune, source, steps
+from experiments.errors import UserError
+from models import Transformer, layouts
+
+
+def parse_variant(spec: str) -> dict:
+  """'every2:kd:t2' -> {'init': 'every', 'every': 2, 'loss': 'kd', 'temperature': 2.0, ...}."""
+  parts = [p for p in spec.strip().split(':') if p]
+  if not parts:
+    raise UserError(f'variant {spec!r} is empty')
+  v = dict(spec=spec.strip(), layers=None, ffn=None, init=None, every=None, loss='kd',
+           divergence=None, temperature=None, alpha=None)
+  for token in parts:
+    number = re.fullmatch(r'(L|ffn|every|t|a)([0-9.]+)', token)
+    if token in ('scratch', 'ce', 'kd'):
+      v.update(init='scratch') if token == 'scratch' else v.update(loss=token)
+    elif token in ('rkl', 'jsd'):
+      v.update(loss='kd', divergence='reverse_kl' if token == 'rkl' else 'jsd')
+    elif number:
+      key, text = number.groups()
+      try:
+        value = float(text)
+      except ValueError:
+        raise UserError(f'variant {spec!r}: {token!r} is not a number after {key}') from None
+      if key in ('L', 'every', 'ffn') and not value.is_integer():
+        raise UserError(f'variant {spec!r}: {token!r} needs a whole number')
+      if key == 'L':
+        v['layers'] = int(value)
+      elif key == 'ffn':
+        v['ffn'] = int(value)
+      elif key == 'every':
+        v.update(init='every', every=int(value))
+      else:
+        v['temperature' if key == 't' else 'alpha'] = value
+    else:
+      raise UserError(f'variant {spec!r}: unknown option {token!r}; options: L<n>, ffn<p>, '
+                      f'scratch, every<k>, ce, kd, rkl, jsd, t<T>, a<alpha>')
+  if v['ffn'] is not None and (v['layers'] is not None or v['init'] == 'every'):
+    raise UserError(f'variant {spec!r}: ffn<p> keeps the teacher\'s depth; drop L<n>/every<k>')
+  if v['ffn'] is not None and not 0 < v['ffn'] < 100:
+    raise UserError(f'variant {spec!r}: ffn{v["ffn"]} must prune between 0 and 100%')
+  if v['init'] is None:
+    v['init'] = 'pruned' if v['ffn'] is not None else 'scratch'
+  if v['loss'] == 'ce' and (v['divergence'] or v['temperature'] is not None or
+                            v['alpha'] is not None):
+    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, t<T> and '
+                    f'a<alpha> apply to kd')
+  return v
+
+
+def kd_spec(config, v: dict) -> distill_lib.Spec:
+  """The KD loss of variant `v`: `config.kd` with the variant's overrides (checked)."""
+  kd = config.kd
+  spec = distill_lib.Spec(
+      alpha=kd.alpha if v['alpha'] is None else v['alpha'],
+      temperature=kd.temperature if v['temperature'] is None else v['temperature'],
+      divergence=v['divergence'] or kd.divergence, beta=kd.beta, top_k=kd.top_k)
+  try:
+    return distill_lib.check(spec)
+  except ValueError as e:
+    raise UserError(f'variant {v["spec"]!r}: {e}') from None
+
+
+def student_config(v: dict, teacher_cfg):
+  """The student's `ModelConfig` (without its parameters: see `student_params`)."""
+  n = teacher_cfg.n_layers
+  if v['ffn'] is not None:
+    return teacher_cfg.replace(d_ff=teacher_cfg.d_ff - int(round(teacher_cfg.d_ff * v['ffn'] / 100)))
+  if v['init'] == 'every':
+    return teacher_cfg.replace(n_layers=len(range(0, n, v['every'])))
+  return teacher_cfg.replace(n_layers=v['layers'] if v['layers'] is not None else math.ceil(n / 2))
+
+
+def student_params(v: dict, teacher_cfg, teacher_params):
+  """The student's starting parameters: None (a fresh initialisation) or taken from the teacher."""
+  if v['init'] == 'scratch':
+    return None
+  if v['init'] == 'every':
+    return structural.every_nth_layer(teacher_cfg, teacher_params, v['every'])[1]
+  return structural.ffn_neurons(teacher_cfg, teacher_params, v['ffn'] / 100)[1]
+
+
+def check(config, workdir):
+  """Validates a distillation config, its workdir and its teacher before any work is done.
+  Returns (the teacher run's config, variants)."""
+  variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
+  if not variants:
+    raise UserError('config.variants is empty: name at least one, e.g. scratch:kd')
+  if config.get('hf_path'):
+    raise UserError('config.hf_path: distillation reads its teacher from a training run '
+                    '(config.source_workdir), whose data and tokenizer the students share')
+  src, cfg, _ = source.check(config, workdir, 'distill')
+  source.positive_int(config, 'num_steps')
+  source.positive_int(config, 'warmup_steps', 0)
+  lr = config.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+    raise UserError(f'config.learning_rate={lr!r} must be a number > 0')
+  for v in variants:
+    if v['loss'] == 'kd':
+      kd_spec(config, v)
+    if v['layers'] is not None and not 1 <= v['layers']:
+      raise UserError(f'variant {v["spec"]!r}: L{v["layers"]} needs at least one layer')
+    try:
+      if v['init'] == 'every':
+        _check_every(cfg, v)
+      elif v['ffn'] is not None:
+        structural.check('ffn', cfg, v['ffn'] / 100)
+    except ValueError as e:
+      raise UserError(f'variant {v["spec"]!r}: {e}') from None
+  return src, variants
+
+
+def _check_every(cfg, v):
+  k = v['every']
+  if not 1 <= k <= cfg.n_layers:
+    raise ValueError(f'every{k}: k must be in [1, {cfg.n_layers}] (the teacher\'s layers)')
+  structural.check('layers', cfg, 0)
+
+
+def run(config, workdir) -> list:
+  """Trains every variant's student; returns the result rows (also results.json/results.md)."""
+  return source.run(config, workdir, check, _run)
+
+
+def _run(config, workdir, src, variants) -> list:
+  step, teacher, tokenizer, teacher_params = source.load(config, src)
+  rows = [dict(variant='teacher', nats_per_byte=source.evaluate(src, teacher, teacher_params,
+                                                                  tokenizer),
+               params=_count(teacher_params), layers=teacher.config.n_layers,
+               d_ff=teacher.config.d_ff)]
+  logging.info('teacher: %s', rows[0])
+  frozen = {distill_lib.TEACHER: (teacher_params, layouts.logical_names(teacher))}
+  for v in variants:
+    cfg = student_config(v, teacher.config)
+    start = student_params(v, teacher.config, teacher_params)
+    spec = kd_spec(config, v) if v['loss'] == 'kd' else None
+    origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
+                  source_step=step, variant=v['spec'],
+                  kd=None if spec is None else dataclasses.asdict(spec))
+    sub = finetune.derived_config(src, cfg, num_steps=config.num_steps,
+                                  learning_rate=config.learning_rate, seed=config.seed + 1,
+                                  origin=origin, warmup_steps=config.warmup_steps)
+    make_loss = None if spec is None else (
+        lambda m, spec=spec: distill_lib.loss(steps.lm_loss(m, sub.optimizer.z_loss), teacher,
+                                              spec))
+    metrics = finetune.run(sub, workdir / 'students' / source.slug(v['spec']), start,
+                           source_workdir=config.source_workdir, make_loss=make_loss,
+                           frozen=None if spec is None else frozen)
+    row = dict(variant=v['spec'], nats_per_byte=metrics['nats_per_byte'],
+               params=_count(jax.eval_shape(lambda: Transformer(cfg).init(
+                   jax.random.key(0), np.zeros((1, 1), np.int32)))),
+               layers=cfg.n_layers, d_ff=cfg.d_ff, init=v['init'], loss=v['loss'],
+               kd=origin['kd'], steps=config.num_steps)
+    logging.info('%s: %s', v['spec'], row)
+    rows.append(row)
+  source.write_results(workdir, config, rows, _table(rows))
+  return rows
+
+
+def _count(tree) -> int:
+  return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+def _table(rows) -> str:
+  teacher = rows[0]['nats_per_byte']
+  lines = ['| variant | layers | FFN width | parameters | validation nats/byte | vs teacher |',
+           '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f'| {r["variant"]} | {r["layers"]} | {r["d_ff"]} | {r["params"]:,} | '
+                 f'{r["nats_per_byte"]:.4f} | {r["nats_per_byte"] - teacher:+.4f} |')
+  return '\n'.join(lines) + '\n'

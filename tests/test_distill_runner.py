@@ -1,0 +1,125 @@
+"""The distillation runner (experiments/distill.py) end to end on a tiny trained teacher: students
+from scratch, from every other teacher layer and from the FFN-pruned teacher; KD metrics; the
+teacher's files untouched; resumption after SIGTERM; one-line errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from compression import structural
+from experiments import distill
+from experiments.configs import distill as distill_configs
+from experiments.errors import UserError
+from models import ModelConfig
+from tests.conftest import init_params
+from tests.runs import ROOT, cli_env, losses, records, tree_digest
+
+
+def config_for(source, variants, **changes):
+  config = distill_configs.get_config('half')
+  config.update(dict(source_workdir=str(source), variants=variants, num_steps=2,
+                     warmup_steps=1), **changes)
+  return config
+
+
+def test_students_train_through_the_loop_and_write_a_row_each(source, tmp_path):
+  before = tree_digest(source)
+  rows = distill.run(config_for(source, 'scratch:ce,scratch:kd:t2,every2:kd,ffn50:jsd'),
+                     tmp_path)
+  assert tree_digest(source) == before   # the teacher is only read
+  assert [r['variant'] for r in rows] == ['teacher', 'scratch:ce', 'scratch:kd:t2', 'every2:kd',
+                                          'ffn50:jsd']
+  teacher = rows[0]
+  assert teacher['layers'] == 2
+  assert [r['layers'] for r in rows[1:]] == [1, 1, 1, 2]
+  assert rows[4]['d_ff'] == teacher['d_ff'] // 2 and rows[4]['params'] < teacher['params']
+  assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  assert rows[2]['kd']['temperature'] == 2.0 and rows[4]['kd']['divergence'] == 'jsd'
+  for name, kd in (('scratch-ce', False), ('scratch-kd-t2', True), ('ffn50-jsd', True)):
+    logged = [r for r in records(tmp_path / 'students' / name) if 'train_loss' in r]
+    assert len(logged) == 2
+    assert all(('kd_loss' in r and 'teacher_agreement' in r) == kd for r in logged)
+  assert json.loads((tmp_path / 'results.json').read_text())['rows'] == rows
+  assert '| every2:kd | 1 |' in (tmp_path / 'results.md').read_text()
+  again = distill.run(config_for(source, 'scratch:kd:t2'), tmp_path)   # complete: not retrained
+  assert again[1]['nats_per_byte'] == rows[2]['nats_per_byte']
+
+
+def test_every_other_layer_and_pruned_students_start_from_the_teachers_weights():
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=2, d_ff=64)
+  params = init_params(cfg)
+  v = distill.parse_variant('every2:kd')
+  student = distill.student_config(v, cfg)
+  start = distill.student_params(v, cfg, params)
+  assert student.n_layers == 3 and sorted(k for k in start if k.startswith('blocks_')) == [
+      'blocks_0', 'blocks_1', 'blocks_2']
+  for i, j in ((0, 0), (1, 2), (2, 4)):
+    assert start[f'blocks_{i}'] is params[f'blocks_{j}']
+  assert start['embed'] is params['embed']
+  assert sorted(params) != sorted(start)   # the teacher's tree is not changed
+  pruned = distill.student_params(distill.parse_variant('ffn25'), cfg, params)
+  assert pruned['blocks_0']['mlp']['up']['kernel'].shape == (32, 48)
+  assert distill.student_config(distill.parse_variant('ffn25'), cfg).d_ff == 48
+  with pytest.raises(ValueError, match=r'n=6 must be an integer in \[1, 5\]'):
+    structural.every_nth_layer(cfg, params, 6)
+
+
+def _cli(source, workdir, variants, steps):
+  cmd = [sys.executable, '-m', 'experiments.main', '--mode=distill',
+         '--config=experiments/configs/distill.py:half', f'--workdir={workdir}',
+         f'--config.source_workdir={source}', f'--config.variants={variants}',
+         f'--config.num_steps={steps}', '--config.warmup_steps=1']
+  return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_distillation_run_resumes_after_sigterm_to_the_same_losses(source, tmp_path):
+  straight = _cli(source, tmp_path / 'straight', 'scratch:kd', 12)
+  out, _ = straight.communicate(timeout=300)
+  assert straight.returncode == 0, out[-3000:]
+  want = losses(tmp_path / 'straight' / 'students' / 'scratch-kd')
+  student = tmp_path / 'stopped' / 'students' / 'scratch-kd'
+  proc = _cli(source, tmp_path / 'stopped', 'scratch:kd', 12)
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (student / 'metrics.jsonl').exists() and len(losses(student)) >= 5:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=240)
+  assert 'SIGTERM received: saving a checkpoint' in out, out[-3000:]
+  assert max(losses(student)) < 12, 'the run finished before the signal arrived'
+  resumed = _cli(source, tmp_path / 'stopped', 'scratch:kd', 12)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out[-3000:]
+  assert 'resumed from the checkpoint at step' in out
+  assert losses(student) == want and len(want) == 12
+
+
+@pytest.mark.parametrize('changes,match', [
+    (dict(source_workdir='/nonexistent/teacher'), r"source_workdir='/nonexistent/teacher' has "
+                                                  r'no config\.json'),
+    (dict(variants='every9:kd'), r"variant 'every9:kd': every9: k must be in \[1, 2\]"),
+    (dict(variants='scratch:a1.5'), r"variant 'scratch:a1.5': alpha=1\.5 must be in \[0, 1\]"),
+    (dict(variants='scratch:t0'), r"variant 'scratch:t0': temperature=0\.0 must be > 0"),
+    (dict(variants='scratch:kd', kd=dict(temperature=-1.0)), r'temperature=-1\.0 must be > 0'),
+    (dict(variants='L2:fast'), r"unknown option 'fast'"),
+    (dict(variants='ffn100:kd'), r'ffn100 must prune between 0 and 100%'),
+    (dict(variants='scratch:ce:t2'), r'ce trains without the teacher'),
+    (dict(variants=''), r'config\.variants is empty'),
+    (dict(num_steps=0), r'config\.num_steps=0 must be an integer >= 1'),
+])
+def test_bad_input_is_one_line_before_any_work(source, tmp_path, changes, match):
+  config = config_for(source, 'scratch:kd')
+  for k, v in changes.items():
+    config[k].update(v) if isinstance(v, dict) else config.update({k: v})
+  with pytest.raises(UserError, match=match) as e:
+    distill.check(config, tmp_path / 'out')
+  assert '\n' not in str(e.value)
+  assert not (tmp_path / 'out').exists()
