@@ -223,3 +223,29 @@ def test_the_distillation_step_on_a_2x2x2_mesh_equals_one_device():
   for a, b in zip(jax.tree.leaves(jax.device_get(got_state.params)),
                   jax.tree.leaves(want_state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_quantized_teacher_teaches_as_its_integers_dequantized_and_shards_by_its_names():
+  from compression import qtensor, quantize
+  from experiments import runtime
+  loss, sp, tp = _pair(distill.Spec(alpha=0.5, temperature=2.0))
+  teacher_model = Transformer(TEACHER_CFG)
+  q = quantize.quantize(tp, 'rtn', 4, group_size=16, model=teacher_model)
+  dense = jax.tree.map(lambda x: qtensor.dequantize(x) if isinstance(x, qtensor.QTensor) else x,
+                       q, is_leaf=lambda x: isinstance(x, qtensor.QTensor))
+  with qtensor.execution('accelerator'):   # the integers dequantized into the dot's operand
+    got = loss(dict(sp, **{distill.TEACHER: q}), BATCH)[0]
+  want = loss(dict(sp, **{distill.TEACHER: dense}), BATCH)[0]
+  assert float(got) == pytest.approx(float(want), rel=1e-5)
+  mesh_config = sharding.default_mesh_config()
+  mesh_config.update(data=2, fsdp=2, tensor=2)
+  mesh, rules = sharding.make_mesh(mesh_config), sharding.rules_for('fsdp_tp')
+  placed = runtime.Placement._place(q, sharding.tree_shardings(
+      q, mesh, rules, layouts.logical_names(teacher_model)))
+  leaf = placed['blocks_0']['mlp']['up']['kernel']
+  assert isinstance(leaf, qtensor.QTensor) and not leaf.values.sharding.is_fully_replicated
+  with qtensor.execution('accelerator'), sharding.activation_rules(mesh, rules):
+    on_mesh = jax.jit(lambda p, b: loss(p, b)[0])(dict(sp, **{distill.TEACHER: placed}),
+                                                 sharding.global_batch(
+                                                     jax.device_get(BATCH), mesh, rules))
+  assert float(on_mesh) == pytest.approx(float(got), rel=1e-5)
