@@ -83,6 +83,44 @@ def parse_variant(spec: str) -> dict:
   return v
 
 
+RECOVER = ('finetune', 'distill')
+
+
+def check_recovery(config) -> None:
+  """One-line errors for a compression runner's `recover` and `kd` fields."""
+  if config.recover not in RECOVER:
+    raise UserError(f'config.recover={config.recover!r} is not one of {", ".join(RECOVER)}')
+  if config.recover == 'distill':
+    try:
+      distill_lib.check(_spec(config.kd))
+    except ValueError as e:
+      raise UserError(f'config.kd: {e}') from None
+
+
+def recovery(config, teacher, teacher_params) -> dict:
+  """`finetune.run`'s make_loss and frozen for a compression runner's fine-tune: none for
+  recover='finetune'; for 'distill' the KD loss of `config.kd`, with the uncompressed model
+  (`teacher`, `teacher_params`) as the teacher."""
+  if config.recover != 'distill':
+    return {}
+  spec = distill_lib.check(_spec(config.kd))
+  return dict(make_loss=lambda m: distill_lib.loss(steps.lm_loss(m), teacher, spec),
+              frozen={distill_lib.TEACHER: (teacher_params, layouts.logical_names(teacher))})
+
+
+def recovery_origin(config) -> dict:
+  """What a fine-tune's signature records of its recovery (a change starts it again; plain
+  fine-tunes record nothing, as before recovery by distillation existed)."""
+  if config.recover != 'distill':
+    return {}
+  return dict(recover=config.recover, kd=dataclasses.asdict(_spec(config.kd)))
+
+
+def _spec(kd) -> distill_lib.Spec:
+  return distill_lib.Spec(alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence,
+                          beta=kd.beta, top_k=kd.top_k)
+
+
 def kd_spec(config, v: dict) -> distill_lib.Spec:
   """The KD loss of variant `v`: `config.kd` with the variant's overrides (checked)."""
   kd = config.kd

@@ -32,7 +32,7 @@ from etils import epath
 
 import compression
 from compression import structural
-from experiments import finetune, source, steps, validate
+from experiments import distill, finetune, source, steps, validate
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -90,6 +90,7 @@ def check(config, workdir):
   lr = config.finetune_learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     raise UserError(f'config.finetune_learning_rate={lr!r} must be a finite number > 0')
+  distill.check_recovery(config)
   src, cfg, shapes = source.check(config, workdir, 'prune')
   for v in variants:
     try:
@@ -104,14 +105,16 @@ def check(config, workdir):
 
 
 def _finetune(config, src, workdir, name: str, model, params, masks, n_steps: int,
-              origin: dict):
+              origin: dict, teacher):
   """Fine-tunes `params` (masked weights held at exactly 0) through the training loop in
-  `workdir/finetune/name`; returns (its final eval metrics, its config, its workdir)."""
+  `workdir/finetune/name`, by cross-entropy or distilled from `teacher` (the dense (model,
+  params)) as `config.recover` says; returns (its final eval metrics, its config, its workdir)."""
   sub_config = finetune.derived_config(
       src, model.config, num_steps=n_steps, learning_rate=config.finetune_learning_rate,
-      seed=config.seed + 1, origin=origin)
+      seed=config.seed + 1, origin=dict(origin, **distill.recovery_origin(config)))
   sub = epath.Path(workdir) / 'finetune' / name
-  return finetune.run(sub_config, sub, params, masks, config.source_workdir), sub_config, sub
+  return finetune.run(sub_config, sub, params, masks, config.source_workdir,
+                      **distill.recovery(config, *teacher)), sub_config, sub
 
 
 def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2'):
@@ -161,7 +164,8 @@ def _run(config, workdir, src, variants) -> list:
         _, start, mask_tree = apply_variant(step_v, model, start, calib, grads_fn)
         _, sub_config, sub = _finetune(config, src, workdir, f'{source.slug(v["spec"])}-round{r}',
                                        model, start, mask_tree, config.finetune_steps or 50,
-                                       dict(origin, variant=v['spec'], stage=f'round {r}'))
+                                       dict(origin, variant=v['spec'], stage=f'round {r}'),
+                                       (model, params))
         start = finetune.trained_params(sub_config, sub)
     new_model, new_params, mask_tree = apply_variant(v, model, start, calib, grads_fn,
                                                      config.importance)
@@ -173,7 +177,7 @@ def _run(config, workdir, src, variants) -> list:
     if config.finetune_steps:
       tuned, _, _ = _finetune(config, src, workdir, source.slug(v['spec']), new_model, new_params,
                               mask_tree, config.finetune_steps,
-                              dict(origin, variant=v['spec'], stage='final'))
+                              dict(origin, variant=v['spec'], stage='final'), (model, params))
       row['finetuned_nats_per_byte'] = tuned['nats_per_byte']
     logging.info('%s: %s', v['spec'], row)
     rows.append(row)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from compression import grid, mixed, paths, qat, qtensor, quantize as quantize_lib, smoothing
-from experiments import data, finetune, saved, source, steps
+from experiments import data, distill, finetune, saved, source, steps
 from experiments.configs import base
 from experiments.errors import UserError
 from models import decode, layouts
@@ -107,6 +107,7 @@ def check(config, workdir):
   variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
   if not variants:
     raise UserError('config.variants is empty: name at least one, e.g. rtn:int8')
+  distill.check_recovery(config)
   src, cfg, shapes = source.check(config, workdir, 'quantize')
   source.positive_int(config, 'kv_chunk')
   if config.get('hf_path') and any(v['tune'] for v in variants):
@@ -144,7 +145,7 @@ def _run(config, workdir, src, variants) -> list:
     start, tuned, tune_config = params, {}, None
     if v['tune']:
       tune_config = _tune_config(v, config, src, model, step)
-      start, tuned = _fine_tune(v, config, tune_config, workdir, params)
+      start, tuned = _fine_tune(v, config, tune_config, workdir, params, (model, params))
     t0 = time.perf_counter()
     if v['tune'] == 'qat':   # the grid the fine-tune trained on, as integers
       new = qat.convert(start, steps.qat_spec(tune_config), layouts.of_model(model))
@@ -213,7 +214,7 @@ def _tune_config(v: dict, config, src, model, step: int):
   """The training config of variant `v`'s fine-tune (quantization-aware for qat<N>)."""
   origin = dict(runner='quantize', source_workdir=os.path.abspath(str(config.source_workdir)),
                 source_step=step, hf_path=config.get('hf_path') or '', variant=v['spec'],
-                outliers=config.outliers.to_dict())
+                outliers=config.outliers.to_dict(), **distill.recovery_origin(config))
   sub = finetune.derived_config(src, model.config, num_steps=v['tune_steps'],
                                 learning_rate=config.finetune_learning_rate, seed=config.seed + 1,
                                 origin=origin)
@@ -232,11 +233,14 @@ def _origin(v: dict, config, step: int) -> dict:
               outliers=config.outliers.to_dict())
 
 
-def _fine_tune(v: dict, config, sub_config, workdir, params):
+def _fine_tune(v: dict, config, sub_config, workdir, params, teacher):
   """(fine-tuned float parameters, row fields): variant `v`'s fine-tune (`sub_config`) through
-  the training loop in <workdir>/finetune/<variant>/ (continued or skipped when run again)."""
+  the training loop in <workdir>/finetune/<variant>/ (continued or skipped when run again), by
+  cross-entropy or distilled from `teacher` (the float (model, params)) as `config.recover`
+  says."""
   sub = workdir / 'finetune' / source.slug(v['spec'])
-  metrics = finetune.run(sub_config, sub, params, None, config.source_workdir)
+  metrics = finetune.run(sub_config, sub, params, None, config.source_workdir,
+                         **distill.recovery(config, *teacher))
   trained = finetune.trained_params(sub_config, sub)
   # A quantization-aware run evaluates its fake-quantized model; a plain one its float model.
   return trained, {f'{v["tune"]}_eval_nats_per_byte': metrics['nats_per_byte']}

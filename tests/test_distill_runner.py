@@ -123,3 +123,37 @@ def test_bad_input_is_one_line_before_any_work(source, tmp_path, changes, match)
     distill.check(config, tmp_path / 'out')
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'out').exists()
+
+
+def test_pruning_and_quantization_recover_by_distillation_from_the_dense_model(source, tmp_path):
+  from experiments import prune, quantize
+  from experiments.configs import prune as prune_configs
+  from experiments.configs import quantize as quantize_configs
+  config = prune_configs.get_config('structural')
+  config.update(source_workdir=str(source), variants='ffn:0.5', finetune_steps=2,
+                calibration_batches=1, calibration_rows=4, recover='distill')
+  config.kd.temperature = 2.0
+  rows = prune.run(config, tmp_path / 'prune')
+  ran = json.loads((tmp_path / 'prune' / 'finetune' / 'ffn-0.5' / 'config.json').read_text())
+  assert ran['origin']['recover'] == 'distill' and ran['origin']['kd']['temperature'] == 2.0
+  logged = [r for r in records(tmp_path / 'prune' / 'finetune' / 'ffn-0.5') if 'train_loss' in r]
+  assert logged and all('kd_loss' in r for r in logged)
+  assert np.isfinite(rows[1]['finetuned_nats_per_byte'])
+  config = quantize_configs.get_config('rtn_int8')
+  config.update(source_workdir=str(source), variants='rtn:int4:g16:qat2', calibration_batches=1,
+                calibration_rows=4, recover='distill')
+  rows = quantize.run(config, tmp_path / 'quantize')
+  sub = tmp_path / 'quantize' / 'finetune' / 'rtn-int4-g16-qat2'
+  ran = json.loads((sub / 'config.json').read_text())
+  assert ran['qat']['bits'] == 4 and ran['origin']['recover'] == 'distill'
+  assert all('kd_loss' in r for r in records(sub) if 'train_loss' in r)
+  # QAT wraps the KD loss: what it trained is what the converted integers serve.
+  assert rows[1]['nats_per_byte'] == pytest.approx(rows[1]['qat_eval_nats_per_byte'], rel=1e-4)
+  config.update(recover='teach')
+  with pytest.raises(UserError, match=r"config\.recover='teach' is not one of finetune, "
+                                      r"distill"):
+    quantize.check(config, tmp_path / 'q2')
+  config.update(recover='distill')
+  config.kd.alpha = -0.5
+  with pytest.raises(UserError, match=r'config\.kd: alpha=-0\.5 must be in \[0, 1\]'):
+    quantize.check(config, tmp_path / 'q2')

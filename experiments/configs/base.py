@@ -101,6 +101,18 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def kd_config() -> ml_collections.ConfigDict:
+  """The knowledge-distillation loss (compression/distill.py): per token
+  alpha * T^2 * divergence(teacher, student) + (1 - alpha) * cross-entropy."""
+  kd = ml_collections.ConfigDict()
+  kd.alpha = 0.5                 # weight of the divergence, in [0, 1]
+  kd.temperature = 1.0           # > 0
+  kd.divergence = 'forward_kl'   # forward_kl | reverse_kl | jsd
+  kd.beta = 0.5                  # jsd's weight of the teacher, in (0, 1)
+  kd.top_k = 0                   # > 0: the teacher's k most likely tokens only; 0: all
+  return kd
+
+
 def model_defaults() -> ml_collections.ConfigDict:
   """`ModelConfig`'s fields and defaults (but the vocabulary) as a ConfigDict."""
   model = ml_collections.ConfigDict()

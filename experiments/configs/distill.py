@@ -14,7 +14,7 @@ files are only read; each student trains in <workdir>/students/<variant>/.
 
 import ml_collections
 
-from experiments.configs import prune
+from experiments.configs import base, prune
 
 NAMED = {
     'half': 'scratch:ce,scratch:kd,every2:kd',
@@ -34,13 +34,7 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config.learning_rate = 2e-3
   config.warmup_steps = 50
   config.seed = 0
-  # The KD loss (compression/distill.py): alpha * T^2 * divergence + (1 - alpha) * CE.
-  config.kd = ml_collections.ConfigDict()
-  config.kd.alpha = 0.5
-  config.kd.temperature = 1.0
-  config.kd.divergence = 'forward_kl'   # forward_kl | reverse_kl | jsd
-  config.kd.beta = 0.5                  # jsd's teacher weight
-  config.kd.top_k = 0                   # > 0: the teacher's k most likely tokens only
+  config.kd = base.kd_config()   # the KD loss of kd variants (rkl, jsd, t<T>, a<alpha> override it)
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8

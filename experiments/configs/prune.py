@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import sharding
+from experiments.configs import base
 
 SWEEP = ','.join([f'{m}:{s}' for m in ('magnitude', 'wanda', 'sparsegpt')
                   for s in ('0.3', '0.5', '0.7', '4:8', '2:4')])
@@ -50,6 +51,10 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config.finetune_steps = 100 if arg == 'structural' else 0
   config.rounds = 1                   # > 1: iterative pruning, fine-tuning between rounds
   config.finetune_learning_rate = 3e-4
+  # How fine-tunes recover the pruned model: 'finetune' (cross-entropy) or 'distill' (the KD
+  # loss of `kd`, the dense source model as the teacher).
+  config.recover = 'finetune'
+  config.kd = base.kd_config()
   config.seed = 0
   config.outliers = outliers(4 if arg == 'testbed' else 0)   # the outlier testbed
   # Where evaluations and fine-tunes run (fine-tunes are training runs in

@@ -14,7 +14,7 @@ The source checkpoint is only read; each variant's parameters are saved under
 
 import ml_collections
 
-from experiments.configs import prune
+from experiments.configs import base, prune
 
 NAMED = {
     'rtn_int8': 'rtn:int8',
@@ -47,6 +47,10 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config.kv_cache = 'float32,int8' if arg in ('sweep', 'testbed') else ''
   config.kv_chunk = 16                # tokens per chunk
   config.finetune_learning_rate = 3e-4   # ft<N> and qat<N> variants (warmup min(10, N) steps)
+  # How ft<N> and qat<N> fine-tunes learn: 'finetune' (cross-entropy) or 'distill' (the KD loss
+  # of `kd`, the float source model as the teacher; QAT wraps it).
+  config.recover = 'finetune'
+  config.kd = base.kd_config()
   config.calibration_batches = 8      # batches of calibration_rows training rows
   config.calibration_rows = 16
   config.seed = 0
