@@ -33,7 +33,7 @@ from etils import epath
 
 from compression import distill as distill_lib
 from compression import structural
-from experiments import finetune, source, steps
+from experiments import finetune, source, steps, validate
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -156,6 +156,7 @@ def student_params(v: dict, teacher_cfg, teacher_params):
 def check(config, workdir):
   """Validates a distillation config, its workdir and its teacher before any work is done.
   Returns (the teacher run's config, variants)."""
+  validate.check_kind(config, 'distill')
   variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
   if not variants:
     raise UserError('config.variants is empty: name at least one, e.g. scratch:kd')

@@ -24,6 +24,9 @@ TRAIN = TINY + ['--workdir={W}']
 PRUNE = ['--mode=prune', '--config=experiments/configs/prune.py:magnitude_50',
          '--workdir={W}', '--config.source_workdir={T}', '--config.calibration_batches=1']
 
+DISTILL = ['--mode=distill', '--config=experiments/configs/distill.py:half', '--workdir={W}',
+           '--config.source_workdir={T}']
+
 
 def case(name, args, match, module=MAIN):
   return pytest.param(module, args, match, id=name)
@@ -207,6 +210,18 @@ CASES = [
     case('prune-mesh-size', PRUNE + ['--config.mesh.data=0'], 'mesh: data=0 is not allowed'),
     case('prune-rules', PRUNE + ['--config.sharding_rules=zz'], 'zz'),
     case('prune-workdir-is-source', PRUNE + ['--workdir={T}'], 'is the source run'),
+    # The distillation runner (and recovery by distillation in the pruning runner).
+    case('distill-training-config', ['--mode=distill', '--workdir={W}'] + TINY,
+         '--mode=distill needs a distillation config'),
+    case('distill-teacher-missing', DISTILL + ['--config.source_workdir={W}_missing'],
+         'has no config.json: train there first'),
+    case('distill-layer-map', DISTILL + ['--config.variants=every3:kd'],
+         "variant 'every3:kd': every3: k must be in [1, 2]"),
+    case('distill-alpha', DISTILL + ['--config.kd.alpha=2.0'], 'alpha=2.0 must be in [0, 1]'),
+    case('distill-temperature', DISTILL + ['--config.variants=scratch:kd:t0'],
+         'temperature=0.0 must be > 0'),
+    case('prune-recover', PRUNE + ['--config.recover=distil'],
+         "config.recover='distil' is not one of finetune, distill"),
     # The benchmark.
     case('bench-steps', ['--config=experiments/configs/shakespeare.py:tiny', '--steps=0'],
          '--steps=0 must be a positive integer', BENCH),
