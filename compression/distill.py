@@ -26,10 +26,12 @@ low-precision matmuls wrap it like any loss and touch only the student's weights
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+
+from models.transformer import block_outputs, capture_blocks
 
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'jsd')
 
@@ -42,6 +44,11 @@ class Spec:
   divergence: str = 'forward_kl'
   beta: float = 0.5           # jsd's mixture weight of the teacher, in (0, 1)
   top_k: int = 0              # > 0: the teacher's k most likely ids only; 0: all
+  # Hidden-state transfer: (student layer, teacher layer) pairs whose residual streams after
+  # those layers are matched (through a learned projection where the widths differ), weighted
+  # by `feature_weight` per pair on average.
+  features: Tuple[Tuple[int, int], ...] = ()
+  feature_weight: float = 0.0
 
 
 def check(spec: Spec):
@@ -53,10 +60,27 @@ def check(spec: Spec):
       ('temperature', _number(spec.temperature) and spec.temperature > 0, '> 0'),
       ('beta', _number(spec.beta) and 0.0 < spec.beta < 1.0, 'in (0, 1)'),
       ('top_k', isinstance(spec.top_k, int) and not isinstance(spec.top_k, bool)
-       and spec.top_k >= 0, 'an integer >= 0 (0: the full distribution)')):
+       and spec.top_k >= 0, 'an integer >= 0 (0: the full distribution)'),
+      ('feature_weight', _number(spec.feature_weight) and spec.feature_weight >= 0, '>= 0'),
+      ('features', isinstance(spec.features, tuple) and all(
+          isinstance(p, tuple) and len(p) == 2 and all(_index(i) for i in p)
+          for p in spec.features), 'pairs (student layer, teacher layer) of integers >= 0')):
     if not ok:
       raise ValueError(f'{name}={getattr(spec, name)!r} must be {allowed}')
   return spec
+
+
+def check_layers(spec: Spec, student_layers: int, teacher_layers: int):
+  """One-line ValueError for a layer pair outside either model."""
+  for i, j in spec.features:
+    if i >= student_layers or j >= teacher_layers:
+      raise ValueError(f'features: the pair ({i}, {j}) is outside the student\'s {student_layers} '
+                       f'or the teacher\'s {teacher_layers} layers')
+  return spec
+
+
+def _index(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _number(x) -> bool:
@@ -122,6 +146,7 @@ def token_losses(student_BxLxV, teacher: Teacher, targets_BxL, spec: Spec):
 # ---- the loss of the training loop
 
 TEACHER = 'distill_teacher'   # the entry of the loss's parameters holding the teacher's
+PROJECTIONS = 'distill_proj'  # the learned student -> teacher width projections (trained)
 OFFLINE = ('teacher_ids', 'teacher_logprobs')   # batch fields of offline top-k teacher logits
 
 
@@ -140,9 +165,10 @@ class Loss:
     return self.base.model
 
   def __call__(self, params, batch, rng=None):
-    student = {k: v for k, v in params.items() if k != TEACHER}
-    logits, router, metrics = self.base.forward(student, batch, rng)
-    teacher = self.teacher_distribution(params.get(TEACHER), batch)
+    student = self.model_params(params)
+    features = bool(self.spec.features)
+    logits, router, metrics, hidden = self.base.forward(student, batch, rng, hidden=features)
+    teacher, teacher_hidden = self.teacher_outputs(params.get(TEACHER), batch, features)
     if not isinstance(teacher, TopK) and teacher.shape[-1] != logits.shape[-1]:
       raise ValueError(f'the teacher scores {teacher.shape[-1]} tokens and the student '
                        f'{logits.shape[-1]}: they need one vocabulary')
@@ -153,24 +179,66 @@ class Loss:
     w = batch['weights']
     tokens = jnp.sum(w)
     sums = dict(ce=jnp.sum(ce * w), kd=jnp.sum(kd * w), agree=jnp.sum(agree * w), tokens=tokens)
+    if features:
+      feat = feature_losses(hidden, teacher_hidden, self.spec.features, params.get(PROJECTIONS))
+      total = total + self.spec.feature_weight * feat
+      sums['feature'] = jnp.sum(feat * w)
     sums.update({k: tokens * v for k, v in metrics.items()})
     return jnp.sum(total * w) + tokens * router, sums
 
-  def teacher_distribution(self, teacher_params, batch) -> Teacher:
-    """The teacher's logits of `batch` (its top k with `spec.top_k`), or the batch's offline
-    top k; never differentiated."""
-    if all(k in batch for k in OFFLINE):
-      return TopK(batch['teacher_ids'], jax.lax.stop_gradient(batch['teacher_logprobs']))
+  def teacher_outputs(self, teacher_params, batch, hidden: bool = False):
+    """(the teacher's logits of `batch` (its top k with `spec.top_k`) or the batch's offline
+    top k, its residual streams after each layer if `hidden` else None); never differentiated."""
+    if all(k in batch for k in OFFLINE) and not hidden:
+      return TopK(batch['teacher_ids'], jax.lax.stop_gradient(batch['teacher_logprobs'])), None
     if teacher_params is None:
       raise ValueError(f'no teacher: pass its parameters as the step\'s frozen {{{TEACHER!r}: '
                        f'params}} or batches with {" and ".join(OFFLINE)}')
-    logits = self.teacher.apply({'params': jax.lax.stop_gradient(teacher_params)},
-                                batch['inputs'], positions=batch['positions'],
-                                segment_ids=batch['segment_ids'])
+    out = self.teacher.apply(
+        {'params': jax.lax.stop_gradient(teacher_params)}, batch['inputs'],
+        positions=batch['positions'], segment_ids=batch['segment_ids'],
+        **(dict(capture_intermediates=capture_blocks, mutable=['intermediates']) if hidden
+           else {}))
+    logits, states = out if hidden else (out, None)
     logits = jax.lax.stop_gradient(logits)
-    return top_k(logits, self.spec.top_k) if self.spec.top_k else logits
+    if hidden:
+      states = jax.lax.stop_gradient(block_outputs(states['intermediates'], self.teacher.config))
+    return (top_k(logits, self.spec.top_k) if self.spec.top_k else logits), states
+
+  def model_params(self, params):
+    """The student's own parameters (without the teacher and the projections)."""
+    return {k: v for k, v in params.items() if k not in (TEACHER, PROJECTIONS)}
+
+  def init_params(self, params):
+    """The student's parameters plus the projections it trains where widths differ."""
+    d_s, d_t = self.model.config.d_model, self.teacher.config.d_model
+    if not self.spec.features or d_s == d_t or PROJECTIONS in params:
+      return params
+    proj = {f'{i}_{j}': {'w': jax.random.normal(jax.random.fold_in(jax.random.key(0), n),
+                                                (d_s, d_t)) / math.sqrt(d_s)}
+            for n, (i, j) in enumerate(self.spec.features)}
+    return dict(params, **{PROJECTIONS: proj})
+
+
+def feature_losses(student_hidden, teacher_hidden, pairs, projections=None):
+  """Per token [B, L]: the mean over `pairs` (i, j) of |h_s[i] P_ij - h_t[j]|^2 / |h_t[j]|^2,
+  P_ij the learned projection where the widths differ (else none): a scale-free squared error."""
+  out = 0.0
+  for i, j in pairs:
+    s, t = student_hidden[i].astype(jnp.float32), teacher_hidden[j].astype(jnp.float32)
+    if s.shape[-1] != t.shape[-1]:
+      if projections is None:
+        raise ValueError(f'features ({i}, {j}): widths {s.shape[-1]} and {t.shape[-1]} differ '
+                         f'and there is no projection (the loss\'s init_params adds them)')
+      s = s @ projections[f'{i}_{j}']['w'].astype(jnp.float32)
+    err = jnp.sum(jnp.square(s - t), axis=-1)
+    out = out + err / jnp.maximum(jnp.sum(jnp.square(t), axis=-1), 1e-12)
+  return out / max(len(pairs), 1)
 
 
 def loss(base: Callable, teacher, spec: Spec) -> Loss:
   """The distillation loss of a student's `base` loss and a `teacher` module (spec checked)."""
-  return Loss(base, teacher, check(spec))
+  check(spec)
+  if spec.features:
+    check_layers(spec, base.model.config.n_layers, teacher.config.n_layers)
+  return Loss(base, teacher, spec)

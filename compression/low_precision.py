@@ -280,11 +280,17 @@ class Loss:
     return self.base(wrap(params, self.spec, self.layouts, self.model.config), batch, rng)
 
   def model_params(self, params):
-    """The float model the run trains (evaluated and served as it is): histories dropped."""
+    """The float model the run trains (evaluated and served as it is): histories dropped (and
+    what `base`'s own `model_params` drops)."""
+    if hasattr(self.base, 'model_params'):
+      params = self.base.model_params(params)
     return {k: v for k, v in params.items() if k != HISTORY}
 
   def init_params(self, params):
-    """The model's parameters plus the amax histories of delayed scaling."""
+    """The model's parameters plus the amax histories of delayed scaling (and what `base`
+    trains)."""
+    if hasattr(self.base, 'init_params'):
+      params = self.base.init_params(params)
     if self.spec.scaling != 'delayed' or HISTORY in params:
       return params
     return dict(params, **{HISTORY: init_history(params, self.spec, self.layouts)})

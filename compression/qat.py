@@ -251,14 +251,21 @@ class Loss:
     return layouts_lib.of_model(self.model)
 
   def __call__(self, params, batch, rng=None):
-    return self.base(self.model_params(params), batch, rng)
+    # Entries `base` reads beside the model (a teacher, projections) pass through untouched.
+    return self.base(fake_quantize(params, self.spec, self.layouts, self.model.config), batch,
+                     rng)
 
   def model_params(self, params):
-    """The tree the model runs (fake-quantized) from the trained one."""
+    """The tree the model runs (fake-quantized) from the trained one (after `base`'s own
+    `model_params`, if it has one)."""
+    if hasattr(self.base, 'model_params'):
+      params = self.base.model_params(params)
     return fake_quantize(params, self.spec, self.layouts, self.model.config)
 
   def init_params(self, params):
-    """The model's parameters plus the ones this loss trains (learned scales)."""
+    """The model's parameters plus the ones this loss and `base` train (learned scales)."""
+    if hasattr(self.base, 'init_params'):
+      params = self.base.init_params(params)
     return with_scales(params, self.spec, self.layouts)
 
 

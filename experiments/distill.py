@@ -17,11 +17,15 @@ Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
   every<k>        blocks 0, k, 2k, ... of the teacher (DistilBERT's initialisation)
   ce | kd         plain cross-entropy, or the KD loss of `config.kd` (default: kd)
   rkl | jsd       kd with reverse KL or the generalized JSD instead of `config.kd.divergence`
+  feat            kd plus hidden-state transfer: `config.features` pairs (default: student
+                  layer i <- teacher layer (i + 1) * depth ratio - 1), weight
+                  `config.feature_weight`, a learned projection where the widths differ
   t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
-e.g. scratch:ce  scratch:kd  every2:kd  ffn50:kd  ffn50:ce  ffn50:scratch:ce  L2:scratch:jsd:t2
+e.g. scratch:ce  scratch:kd  scratch:kd:feat  every2:kd  ffn50:kd  ffn50:ce  L2:scratch:jsd:t2
 """
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -44,13 +48,15 @@ def parse_variant(spec: str) -> dict:
   if not parts:
     raise UserError(f'variant {spec!r} is empty')
   v = dict(spec=spec.strip(), layers=None, ffn=None, init=None, every=None, loss='kd',
-           divergence=None, temperature=None, alpha=None)
+           divergence=None, temperature=None, alpha=None, features=False)
   for token in parts:
     number = re.fullmatch(r'(L|ffn|every|t|a)([0-9.]+)', token)
     if token in ('scratch', 'ce', 'kd'):
       v.update(init='scratch') if token == 'scratch' else v.update(loss=token)
+    elif token == 'feat':
+      v['features'] = True
     elif token in ('rkl', 'jsd'):
-      v.update(loss='kd', divergence='reverse_kl' if token == 'rkl' else 'jsd')
+      v['divergence'] = 'reverse_kl' if token == 'rkl' else 'jsd'
     elif number:
       key, text = number.groups()
       try:
@@ -69,7 +75,7 @@ def parse_variant(spec: str) -> dict:
         v['temperature' if key == 't' else 'alpha'] = value
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: L<n>, ffn<p>, '
-                      f'scratch, every<k>, ce, kd, rkl, jsd, t<T>, a<alpha>')
+                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, t<T>, a<alpha>')
   if v['ffn'] is not None and (v['layers'] is not None or v['init'] == 'every'):
     raise UserError(f'variant {spec!r}: ffn<p> keeps the teacher\'s depth; drop L<n>/every<k>')
   if v['ffn'] is not None and not 0 < v['ffn'] < 100:
@@ -77,9 +83,9 @@ def parse_variant(spec: str) -> dict:
   if v['init'] is None:
     v['init'] = 'pruned' if v['ffn'] is not None else 'scratch'
   if v['loss'] == 'ce' and (v['divergence'] or v['temperature'] is not None or
-                            v['alpha'] is not None):
-    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, t<T> and '
-                    f'a<alpha> apply to kd')
+                            v['alpha'] is not None or v['features']):
+    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, feat, t<T> '
+                    f'and a<alpha> apply to kd')
   return v
 
 
@@ -113,7 +119,11 @@ def recovery_origin(config) -> dict:
   fine-tunes record nothing, as before recovery by distillation existed)."""
   if config.recover != 'distill':
     return {}
-  return dict(recover=config.recover, kd=dataclasses.asdict(_spec(config.kd)))
+  return dict(recover=config.recover, kd=_jsonable(_spec(config.kd)))
+
+
+def _jsonable(spec: distill_lib.Spec) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(spec)))   # layer pairs as lists
 
 
 def _spec(kd) -> distill_lib.Spec:
@@ -121,17 +131,41 @@ def _spec(kd) -> distill_lib.Spec:
                           beta=kd.beta, top_k=kd.top_k)
 
 
-def kd_spec(config, v: dict) -> distill_lib.Spec:
-  """The KD loss of variant `v`: `config.kd` with the variant's overrides (checked)."""
+def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.Spec:
+  """The KD loss of variant `v`: `config.kd` with the variant's overrides (checked; layer
+  pairs against the student's and teacher's depths when their configs are given)."""
   kd = config.kd
+  features = ()
+  if v['features']:
+    features = (_feature_pairs(config.features) if config.features else
+                _uniform_pairs(student_cfg.n_layers, teacher_cfg.n_layers))
   spec = distill_lib.Spec(
       alpha=kd.alpha if v['alpha'] is None else v['alpha'],
       temperature=kd.temperature if v['temperature'] is None else v['temperature'],
-      divergence=v['divergence'] or kd.divergence, beta=kd.beta, top_k=kd.top_k)
+      divergence=v['divergence'] or kd.divergence, beta=kd.beta, top_k=kd.top_k,
+      features=features, feature_weight=config.feature_weight if features else 0.0)
   try:
-    return distill_lib.check(spec)
+    distill_lib.check(spec)
+    if features:
+      distill_lib.check_layers(spec, student_cfg.n_layers, teacher_cfg.n_layers)
+    return spec
   except ValueError as e:
     raise UserError(f'variant {v["spec"]!r}: {e}') from None
+
+
+def _feature_pairs(text: str):
+  try:
+    pairs = tuple(tuple(int(x) for x in p.split(':')) for p in text.split(','))
+  except ValueError:
+    pairs = ()
+  if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
+    raise UserError(f'config.features={text!r} must be student:teacher layer pairs, e.g. 0:1,1:3')
+  return pairs
+
+
+def _uniform_pairs(n_student: int, n_teacher: int):
+  """Student layer i <- teacher layer round((i + 1) * n_teacher / n_student) - 1."""
+  return tuple((i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student))
 
 
 def student_config(v: dict, teacher_cfg):
@@ -169,9 +203,12 @@ def check(config, workdir):
   lr = config.learning_rate
   if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
     raise UserError(f'config.learning_rate={lr!r} must be a number > 0')
+  if isinstance(config.feature_weight, bool) or not isinstance(
+      config.feature_weight, (int, float)) or not config.feature_weight >= 0:
+    raise UserError(f'config.feature_weight={config.feature_weight!r} must be a number >= 0')
   for v in variants:
     if v['loss'] == 'kd':
-      kd_spec(config, v)
+      kd_spec(config, v, student_config(v, cfg), cfg)
     if v['layers'] is not None and not 1 <= v['layers']:
       raise UserError(f'variant {v["spec"]!r}: L{v["layers"]} needs at least one layer')
     try:
@@ -207,10 +244,10 @@ def _run(config, workdir, src, variants) -> list:
   for v in variants:
     cfg = student_config(v, teacher.config)
     start = student_params(v, teacher.config, teacher_params)
-    spec = kd_spec(config, v) if v['loss'] == 'kd' else None
+    spec = kd_spec(config, v, cfg, teacher.config) if v['loss'] == 'kd' else None
     origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
                   source_step=step, variant=v['spec'],
-                  kd=None if spec is None else dataclasses.asdict(spec))
+                  kd=None if spec is None else _jsonable(spec))
     sub = finetune.derived_config(src, cfg, num_steps=config.num_steps,
                                   learning_rate=config.learning_rate, seed=config.seed + 1,
                                   origin=origin, warmup_steps=config.warmup_steps)

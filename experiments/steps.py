@@ -20,8 +20,9 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from compression import low_precision, qat, schedules
+from compression import distill, low_precision, qat, schedules
 from models import ModelConfig, Transformer, layouts, moe
+from models.transformer import block_outputs, capture_blocks
 
 TrainState = train_state.TrainState
 
@@ -110,20 +111,25 @@ class LmLoss:
   model: Transformer
   z_loss: float = 0.0
 
-  def forward(self, params, batch, rng=None):
-    """(logits [B, L, V], the router loss per token, the router metrics) of `batch`: what a
-    loss built on this one (distillation) reads of the model."""
+  def forward(self, params, batch, rng=None, hidden: bool = False):
+    """(logits [B, L, V], the router loss per token, the router metrics, the residual stream
+    after each layer if `hidden` else None) of `batch`: what a loss built on this one
+    (distillation) reads of the model."""
     cfg = self.model.config
     inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
-    if not cfg.n_experts:
-      return self.model.apply({'params': params}, batch['inputs'], **inputs), 0.0, {}
     rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
-    logits, state = self.model.apply({'params': params}, batch['inputs'], mutable=['moe'],
-                                     rngs=rngs, **inputs)
-    return (logits,) + tuple(moe.router_loss(state['moe'], cfg))
+    mutable = (['moe'] if cfg.n_experts else []) + (['intermediates'] if hidden else [])
+    if not mutable:
+      return self.model.apply({'params': params}, batch['inputs'], **inputs), 0.0, {}, None
+    logits, state = self.model.apply(
+        {'params': params}, batch['inputs'], mutable=mutable, rngs=rngs,
+        capture_intermediates=capture_blocks if hidden else False, **inputs)
+    router, metrics = moe.router_loss(state['moe'], cfg) if cfg.n_experts else (0.0, {})
+    states = block_outputs(state['intermediates'], cfg) if hidden else None
+    return logits, router, metrics, states
 
   def __call__(self, params, batch, rng=None):
-    logits, router, metrics = self.forward(params, batch, rng)
+    logits, router, metrics, _ = self.forward(params, batch, rng)
     ce, z = token_losses(logits, batch['targets'], self.z_loss)
     w = batch['weights']
     tokens = jnp.sum(w)
@@ -190,7 +196,8 @@ def served_params(loss, params):
 
 def model_only(params):
   """`params` without the entries a loss trains or keeps besides the model's own."""
-  return {k: v for k, v in params.items() if k not in (qat.SCALES, low_precision.HISTORY)}
+  return {k: v for k, v in params.items()
+          if k not in (qat.SCALES, low_precision.HISTORY, distill.PROJECTIONS)}
 
 
 @functools.partial(jax.jit, static_argnames=('loss', 'accum_steps', 'seed'), donate_argnums=0)
@@ -252,7 +259,7 @@ def train_step(state: TrainState, batch, token_bytes, frozen=None, *, loss, accu
 
 
 # How a summed term is named among the step's metrics.
-_METRIC_NAMES = dict(z='z_loss', kd='kd_loss', agree='teacher_agreement')
+_METRIC_NAMES = dict(z='z_loss', kd='kd_loss', agree='teacher_agreement', feature='feature_loss')
 
 
 @functools.partial(jax.jit, static_argnames=('loss',))

@@ -150,6 +150,21 @@ def _geometry(pos_BxL, segment_ids, cache, length):
   return geo, new_cache
 
 
+def capture_blocks(module: nn.Module, method_name: str) -> bool:
+  """`apply(..., capture_intermediates=capture_blocks, mutable=['intermediates'])` records each
+  block's output (the residual stream after it) for `block_outputs`."""
+  return method_name == '__call__' and isinstance(module, Block)
+
+
+def block_outputs(intermediates: dict, cfg: ModelConfig) -> list:
+  """The residual stream [B, L, D] after each of the `n_layers` layers, from what
+  `capture_blocks` recorded (unrolled layers; a shared block once per call)."""
+  if cfg.scan_layers:
+    raise ValueError('block outputs are read from unrolled layers (scan_layers=False)')
+  u = cfg.n_unique_layers
+  return [intermediates[block_name(i % u)]['__call__'][i // u][0] for i in range(cfg.n_layers)]
+
+
 def block_name(i: int) -> str:
   """The parameter key of unrolled block `i` (`scan_layers=False`)."""
   return f'blocks_{i}'

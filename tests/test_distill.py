@@ -249,3 +249,59 @@ def test_a_quantized_teacher_teaches_as_its_integers_dequantized_and_shards_by_i
                                                  sharding.global_batch(
                                                      jax.device_get(BATCH), mesh, rules))
   assert float(on_mesh) == pytest.approx(float(got), rel=1e-5)
+
+
+# ---- hidden-state transfer
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_block_outputs_are_the_residual_stream_the_head_reads(remat):
+  from models.transformer import block_outputs, capture_blocks
+  cfg = TEACHER_CFG.replace(remat=remat)
+  params = init_params(cfg, 2)
+  model = Transformer(cfg)
+  logits, state = model.apply({'params': params}, BATCH['inputs'], positions=BATCH['positions'],
+                              segment_ids=BATCH['segment_ids'], mutable=['intermediates'],
+                              capture_intermediates=capture_blocks)
+  hidden = block_outputs(state['intermediates'], cfg)
+  assert len(hidden) == cfg.n_layers and hidden[0].shape == (4, 12, cfg.d_model)
+  # The last layer's output, normalised and read by the tied head, is the model's logits.
+  h, norm = np.asarray(hidden[-1], np.float64), np.asarray(params['final_norm']['scale'])
+  x = h / np.sqrt(np.mean(h * h, -1, keepdims=True) + cfg.norm_eps) * norm[None, None]
+  head = np.asarray(params['lm_head']['kernel'])   # untied by default
+  np.testing.assert_allclose(x @ head, logits, rtol=2e-4, atol=2e-4)
+  assert np.max(np.abs(np.asarray(hidden[0] - hidden[1]))) > 1e-3   # layers differ
+
+
+def test_feature_losses_are_relative_squared_errors_through_the_projection():
+  rng = np.random.default_rng(3)
+  s = [jnp.asarray(rng.normal(size=(2, 3, 4))) for _ in range(2)]
+  t = [jnp.asarray(rng.normal(size=(2, 3, 6))) for _ in range(3)]
+  p = {'0_2': {'w': jnp.asarray(rng.normal(size=(4, 6)))},
+       '1_0': {'w': jnp.asarray(rng.normal(size=(4, 6)))}}
+  got = distill.feature_losses(s, t, ((0, 2), (1, 0)), p)
+  rel = lambda a, b: np.sum((a - b) ** 2, -1) / np.sum(b ** 2, -1)
+  want = (rel(np.asarray(s[0]) @ np.asarray(p['0_2']['w']), np.asarray(t[2]))
+          + rel(np.asarray(s[1]) @ np.asarray(p['1_0']['w']), np.asarray(t[0]))) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  same = distill.feature_losses(t, t, ((1, 1),))   # equal widths: no projection, zero at equality
+  np.testing.assert_allclose(same, 0.0, atol=1e-7)
+
+
+def test_feature_transfer_adds_its_weighted_term_and_trains_the_projections():
+  spec = distill.Spec(alpha=0.5, features=((0, 1),), feature_weight=0.3)
+  loss, sp, tp = _pair(spec)
+  params = loss.init_params(sp)
+  assert params[distill.PROJECTIONS]['0_1']['w'].shape == (32, 48)
+  assert sorted(loss.model_params(dict(params, **{distill.TEACHER: tp}))) == sorted(sp)
+  full = dict(params, **{distill.TEACHER: tp})
+  total, sums = loss(full, BATCH)
+  plain, _ = _pair(distill.Spec(alpha=0.5))[0](dict(sp, **{distill.TEACHER: tp}), BATCH)
+  assert float(sums['feature']) > 0
+  assert float(total) == pytest.approx(float(plain) + 0.3 * float(sums['feature']), rel=1e-5)
+  grads = jax.grad(lambda p: loss(p, BATCH)[0])(full)
+  assert float(optax.tree.norm(grads[distill.PROJECTIONS])) > 0
+  assert float(optax.tree.norm(grads[distill.TEACHER])) == 0.0
+  with pytest.raises(ValueError, match=r"the pair \(1, 1\) is outside the student's 1 or the "
+                                       r"teacher's 2 layers"):
+    distill.loss(steps.lm_loss(Transformer(STUDENT_CFG)), Transformer(TEACHER_CFG),
+                 distill.Spec(features=((1, 1),)))

@@ -30,14 +30,15 @@ def config_for(source, variants, **changes):
 
 def test_students_train_through_the_loop_and_write_a_row_each(source, tmp_path):
   before = tree_digest(source)
-  rows = distill.run(config_for(source, 'scratch:ce,scratch:kd:t2,every2:kd,ffn50:jsd'),
-                     tmp_path)
+  rows = distill.run(config_for(source, 'scratch:ce,scratch:kd:t2,every2:kd,ffn50:jsd,'
+                                        'scratch:feat'), tmp_path)
   assert tree_digest(source) == before   # the teacher is only read
   assert [r['variant'] for r in rows] == ['teacher', 'scratch:ce', 'scratch:kd:t2', 'every2:kd',
-                                          'ffn50:jsd']
+                                          'ffn50:jsd', 'scratch:feat']
   teacher = rows[0]
   assert teacher['layers'] == 2
-  assert [r['layers'] for r in rows[1:]] == [1, 1, 1, 2]
+  assert [r['layers'] for r in rows[1:]] == [1, 1, 1, 2, 1]
+  assert rows[5]['kd']['features'] == [[0, 1]]   # student layer 0 <- the teacher's last layer
   assert rows[4]['d_ff'] == teacher['d_ff'] // 2 and rows[4]['params'] < teacher['params']
   assert all(np.isfinite(r['nats_per_byte']) for r in rows)
   assert rows[2]['kd']['temperature'] == 2.0 and rows[4]['kd']['divergence'] == 'jsd'
@@ -45,6 +46,9 @@ def test_students_train_through_the_loop_and_write_a_row_each(source, tmp_path):
     logged = [r for r in records(tmp_path / 'students' / name) if 'train_loss' in r]
     assert len(logged) == 2
     assert all(('kd_loss' in r and 'teacher_agreement' in r) == kd for r in logged)
+    assert not any('feature_loss' in r for r in logged)
+  logged = [r for r in records(tmp_path / 'students' / 'scratch-feat') if 'train_loss' in r]
+  assert logged and all(r['feature_loss'] > 0 for r in logged)
   assert json.loads((tmp_path / 'results.json').read_text())['rows'] == rows
   assert '| every2:kd | 1 |' in (tmp_path / 'results.md').read_text()
   again = distill.run(config_for(source, 'scratch:kd:t2'), tmp_path)   # complete: not retrained
@@ -114,6 +118,11 @@ def test_a_distillation_run_resumes_after_sigterm_to_the_same_losses(source, tmp
     (dict(variants='scratch:ce:t2'), r'ce trains without the teacher'),
     (dict(variants=''), r'config\.variants is empty'),
     (dict(num_steps=0), r'config\.num_steps=0 must be an integer >= 1'),
+    (dict(variants='scratch:feat', features='0:5'), r"the pair \(0, 5\) is outside the student's "
+                                                    r"1 or the teacher's 2 layers"),
+    (dict(variants='scratch:feat', features='0-1'), r"config\.features='0-1' must be student:"),
+    (dict(variants='scratch:ce:feat'), r'ce trains without the teacher'),
+    (dict(feature_weight=-1.0), r'config\.feature_weight=-1\.0 must be a number >= 0'),
 ])
 def test_bad_input_is_one_line_before_any_work(source, tmp_path, changes, match):
   config = config_for(source, 'scratch:kd')

@@ -5,8 +5,8 @@ Command (after training the teacher: `python -m experiments.main
 --config=experiments/configs/shakespeare.py:teacher --workdir=runs/teacher`):
   python -m experiments.main --mode=distill --config=experiments/configs/distill.py:half \
       --workdir=runs/distill --config.source_workdir=runs/teacher
-Variants: `half` (a half-depth student: from scratch with cross-entropy, by logit KD, and
-initialised from every other teacher layer then KD), `minitron` (the teacher's FFN neurons
+Variants: `half` (a half-depth student: from scratch with cross-entropy, by logit KD, by logit
+and hidden-state KD, and initialised from every other teacher layer then KD), `minitron` (the teacher's FFN neurons
 pruned 50%: KD vs plain fine-tune, and the same shape from scratch). Any list can be given with
 --config.variants=L3:scratch:kd:t2 (see experiments/distill.py for the syntax). The teacher's
 files are only read; each student trains in <workdir>/students/<variant>/.
@@ -17,7 +17,7 @@ import ml_collections
 from experiments.configs import base, prune
 
 NAMED = {
-    'half': 'scratch:ce,scratch:kd,every2:kd',
+    'half': 'scratch:ce,scratch:kd,scratch:kd:feat,every2:kd',
     'minitron': 'ffn50:ce,ffn50:kd,ffn50:scratch:ce',
 }
 
@@ -35,6 +35,10 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config.warmup_steps = 50
   config.seed = 0
   config.kd = base.kd_config()   # the KD loss of kd variants (rkl, jsd, t<T>, a<alpha> override it)
+  # Hidden-state transfer of `feat` variants: 'i:j,...' pairs (student layer i <- teacher layer
+  # j; '': layer i <- (i + 1) * depth ratio - 1), each pair's relative squared error weighted so.
+  config.features = ''
+  config.feature_weight = 1.0
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8
