@@ -26,7 +26,7 @@ low-precision matmuls wrap it like any loss and touch only the student's weights
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,11 @@ class Spec:
   # by `feature_weight` per pair on average.
   features: Tuple[Tuple[int, int], ...] = ()
   feature_weight: float = 0.0
+  # Schedules: alpha and T move linearly from the values above at step 0 to these at
+  # `schedule_steps`, then stay (None: constant).
+  alpha_end: Optional[float] = None
+  temperature_end: Optional[float] = None
+  schedule_steps: int = 0
 
 
 def check(spec: Spec):
@@ -62,6 +67,13 @@ def check(spec: Spec):
       ('top_k', isinstance(spec.top_k, int) and not isinstance(spec.top_k, bool)
        and spec.top_k >= 0, 'an integer >= 0 (0: the full distribution)'),
       ('feature_weight', _number(spec.feature_weight) and spec.feature_weight >= 0, '>= 0'),
+      ('alpha_end', spec.alpha_end is None or (_number(spec.alpha_end) and
+                                               0.0 <= spec.alpha_end <= 1.0), 'in [0, 1]'),
+      ('temperature_end', spec.temperature_end is None or (
+          _number(spec.temperature_end) and spec.temperature_end > 0), '> 0'),
+      ('schedule_steps', _index(spec.schedule_steps) and (
+          spec.schedule_steps > 0 or (spec.alpha_end is None and spec.temperature_end is None)),
+       'an integer > 0 where alpha_end or temperature_end is set'),
       ('features', isinstance(spec.features, tuple) and all(
           isinstance(p, tuple) and len(p) == 2 and all(_index(i) for i in p)
           for p in spec.features), 'pairs (student layer, teacher layer) of integers >= 0')):
@@ -131,13 +143,25 @@ def divergence(student_BxLxV, teacher: Teacher, kind: str = 'forward_kl',
   raise ValueError(f'divergence={kind!r} is not one of {", ".join(DIVERGENCES)}')
 
 
-def token_losses(student_BxLxV, teacher: Teacher, targets_BxL, spec: Spec):
-  """Per token [B, L]: (alpha T^2 D + (1 - alpha) CE, D, CE, student's top token == teacher's)."""
+def scheduled(spec: Spec, step=None):
+  """(alpha, T) at optimizer `step` (None: the starting values), moving linearly to
+  `alpha_end` / `temperature_end` over `schedule_steps`."""
+  if step is None or not spec.schedule_steps:
+    return spec.alpha, spec.temperature
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / spec.schedule_steps, 0.0, 1.0)
+  move = lambda start, end: start if end is None else start + (end - start) * frac
+  return move(spec.alpha, spec.alpha_end), move(spec.temperature, spec.temperature_end)
+
+
+def token_losses(student_BxLxV, teacher: Teacher, targets_BxL, spec: Spec, step=None):
+  """Per token [B, L]: (alpha T^2 D + (1 - alpha) CE, D, CE, student's top token == teacher's),
+  alpha and T as scheduled at `step`."""
+  alpha, temperature = scheduled(spec, step)
   logits = student_BxLxV.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   ce = lse - jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-  kd = divergence(logits, teacher, spec.divergence, spec.temperature, spec.beta)
-  total = spec.alpha * spec.temperature ** 2 * kd + (1.0 - spec.alpha) * ce
+  kd = divergence(logits, teacher, spec.divergence, temperature, spec.beta)
+  total = alpha * temperature ** 2 * kd + (1.0 - alpha) * ce
   best = teacher.ids[..., 0] if isinstance(teacher, TopK) else jnp.argmax(teacher, axis=-1)
   agree = (jnp.argmax(logits, axis=-1) == best).astype(jnp.float32)
   return total, kd, ce, agree
@@ -172,13 +196,17 @@ class Loss:
     if not isinstance(teacher, TopK) and teacher.shape[-1] != logits.shape[-1]:
       raise ValueError(f'the teacher scores {teacher.shape[-1]} tokens and the student '
                        f'{logits.shape[-1]}: they need one vocabulary')
-    total, kd, ce, agree = token_losses(logits, teacher, batch['targets'], self.spec)
+    step = batch.get('step')   # the optimizer step (`experiments.steps.train_step` adds it)
+    total, kd, ce, agree = token_losses(logits, teacher, batch['targets'], self.spec, step)
     z_loss = getattr(self.base, 'z_loss', 0.0)
     if z_loss:
       total = total + z_loss * jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), -1))
     w = batch['weights']
     tokens = jnp.sum(w)
     sums = dict(ce=jnp.sum(ce * w), kd=jnp.sum(kd * w), agree=jnp.sum(agree * w), tokens=tokens)
+    if self.spec.schedule_steps:   # logged as the step's alpha and temperature
+      alpha, temperature = scheduled(self.spec, step)
+      sums.update(kd_alpha=tokens * alpha, kd_temperature=tokens * temperature)
     if features:
       feat = feature_losses(hidden, teacher_hidden, self.spec.features, params.get(PROJECTIONS))
       total = total + self.spec.feature_weight * feat

@@ -103,32 +103,37 @@ def check_recovery(config) -> None:
       raise UserError(f'config.kd: {e}') from None
 
 
-def recovery(config, teacher, teacher_params) -> dict:
-  """`finetune.run`'s make_loss and frozen for a compression runner's fine-tune: none for
-  recover='finetune'; for 'distill' the KD loss of `config.kd`, with the uncompressed model
-  (`teacher`, `teacher_params`) as the teacher."""
+def recovery(config, teacher, teacher_params, num_steps: int) -> dict:
+  """`finetune.run`'s make_loss and frozen for a compression runner's fine-tune of `num_steps`:
+  none for recover='finetune'; for 'distill' the KD loss of `config.kd`, with the uncompressed
+  model (`teacher`, `teacher_params`) as the teacher."""
   if config.recover != 'distill':
     return {}
-  spec = distill_lib.check(_spec(config.kd))
+  spec = distill_lib.check(_spec(config.kd, num_steps))
   return dict(make_loss=lambda m: distill_lib.loss(steps.lm_loss(m), teacher, spec),
               frozen={distill_lib.TEACHER: (teacher_params, layouts.logical_names(teacher))})
 
 
-def recovery_origin(config) -> dict:
+def recovery_origin(config, num_steps: int) -> dict:
   """What a fine-tune's signature records of its recovery (a change starts it again; plain
   fine-tunes record nothing, as before recovery by distillation existed)."""
   if config.recover != 'distill':
     return {}
-  return dict(recover=config.recover, kd=_jsonable(_spec(config.kd)))
+  return dict(recover=config.recover, kd=_jsonable(_spec(config.kd, num_steps)))
 
 
 def _jsonable(spec: distill_lib.Spec) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(spec)))   # layer pairs as lists
 
 
-def _spec(kd) -> distill_lib.Spec:
-  return distill_lib.Spec(alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence,
-                          beta=kd.beta, top_k=kd.top_k)
+def _spec(kd, num_steps: int = 1, **changes) -> distill_lib.Spec:
+  """The `compression.distill.Spec` of a `kd` config section in a run of `num_steps`."""
+  scheduled = kd.alpha_end is not None or kd.temperature_end is not None
+  fields = dict(alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence,
+                beta=kd.beta, top_k=kd.top_k, alpha_end=kd.alpha_end,
+                temperature_end=kd.temperature_end,
+                schedule_steps=(kd.schedule_steps or num_steps) if scheduled else kd.schedule_steps)
+  return distill_lib.Spec(**dict(fields, **changes))
 
 
 def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.Spec:
@@ -139,11 +144,11 @@ def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.
   if v['features']:
     features = (_feature_pairs(config.features) if config.features else
                 _uniform_pairs(student_cfg.n_layers, teacher_cfg.n_layers))
-  spec = distill_lib.Spec(
-      alpha=kd.alpha if v['alpha'] is None else v['alpha'],
-      temperature=kd.temperature if v['temperature'] is None else v['temperature'],
-      divergence=v['divergence'] or kd.divergence, beta=kd.beta, top_k=kd.top_k,
-      features=features, feature_weight=config.feature_weight if features else 0.0)
+  spec = _spec(kd, config.num_steps,
+               alpha=kd.alpha if v['alpha'] is None else v['alpha'],
+               temperature=kd.temperature if v['temperature'] is None else v['temperature'],
+               divergence=v['divergence'] or kd.divergence, features=features,
+               feature_weight=config.feature_weight if features else 0.0)
   try:
     distill_lib.check(spec)
     if features:

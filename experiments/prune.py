@@ -111,10 +111,10 @@ def _finetune(config, src, workdir, name: str, model, params, masks, n_steps: in
   params)) as `config.recover` says; returns (its final eval metrics, its config, its workdir)."""
   sub_config = finetune.derived_config(
       src, model.config, num_steps=n_steps, learning_rate=config.finetune_learning_rate,
-      seed=config.seed + 1, origin=dict(origin, **distill.recovery_origin(config)))
+      seed=config.seed + 1, origin=dict(origin, **distill.recovery_origin(config, n_steps)))
   sub = epath.Path(workdir) / 'finetune' / name
   return finetune.run(sub_config, sub, params, masks, config.source_workdir,
-                      **distill.recovery(config, *teacher)), sub_config, sub
+                      **distill.recovery(config, *teacher, n_steps)), sub_config, sub
 
 
 def apply_variant(v: dict, model, params, calib, grads_fn, importance: str = 'l2'):

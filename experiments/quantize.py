@@ -214,7 +214,8 @@ def _tune_config(v: dict, config, src, model, step: int):
   """The training config of variant `v`'s fine-tune (quantization-aware for qat<N>)."""
   origin = dict(runner='quantize', source_workdir=os.path.abspath(str(config.source_workdir)),
                 source_step=step, hf_path=config.get('hf_path') or '', variant=v['spec'],
-                outliers=config.outliers.to_dict(), **distill.recovery_origin(config))
+                outliers=config.outliers.to_dict(),
+                **distill.recovery_origin(config, v['tune_steps']))
   sub = finetune.derived_config(src, model.config, num_steps=v['tune_steps'],
                                 learning_rate=config.finetune_learning_rate, seed=config.seed + 1,
                                 origin=origin)
@@ -240,7 +241,7 @@ def _fine_tune(v: dict, config, sub_config, workdir, params, teacher):
   says."""
   sub = workdir / 'finetune' / source.slug(v['spec'])
   metrics = finetune.run(sub_config, sub, params, None, config.source_workdir,
-                         **distill.recovery(config, *teacher))
+                         **distill.recovery(config, *teacher, sub_config.num_train_steps))
   trained = finetune.trained_params(sub_config, sub)
   # A quantization-aware run evaluates its fake-quantized model; a plain one its float model.
   return trained, {f'{v["tune"]}_eval_nats_per_byte': metrics['nats_per_byte']}

@@ -218,7 +218,8 @@ def train_step(state: TrainState, batch, token_bytes, frozen=None, *, loss, accu
   step_rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
   def microbatch(mb, i):
-    g, s = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+    # The loss sees the optimizer step (scheduled losses: distillation's alpha and T).
+    g, s = grad_fn(state.params, dict(mb, step=state.step), jax.random.fold_in(step_rng, i))
     s['bytes'] = jnp.sum(token_bytes[mb['targets']] * mb['weights'])
     return g, s
 

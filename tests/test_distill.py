@@ -109,6 +109,10 @@ def test_student_gradient_is_alpha_t_times_the_probability_gap_plus_ce_s():
     ('divergence', 'kl', r"divergence='kl' is not one of forward_kl, reverse_kl, jsd"),
     ('beta', 1.0, r'beta=1\.0 must be in \(0, 1\)'),
     ('top_k', -2, r'top_k=-2 must be an integer >= 0'),
+    ('alpha_end', 2.0, r'alpha_end=2\.0 must be in \[0, 1\]'),
+    ('temperature_end', 2.0, r'schedule_steps=0 must be an integer > 0 where alpha_end or '),
+    ('feature_weight', -1.0, r'feature_weight=-1\.0 must be >= 0'),
+    ('features', ((0, -1),), r'features=\(\(0, -1\),\) must be pairs'),
 ])
 def test_bad_fields_are_one_line_errors(field, value, match):
   with pytest.raises(ValueError, match=match) as e:
@@ -305,3 +309,32 @@ def test_feature_transfer_adds_its_weighted_term_and_trains_the_projections():
                                        r"teacher's 2 layers"):
     distill.loss(steps.lm_loss(Transformer(STUDENT_CFG)), Transformer(TEACHER_CFG),
                  distill.Spec(features=((1, 1),)))
+
+
+# ---- schedules of alpha and T
+
+def test_alpha_and_temperature_move_linearly_to_their_end_values():
+  spec = distill.Spec(alpha=0.2, temperature=4.0, alpha_end=0.8, temperature_end=1.0,
+                      schedule_steps=10)
+  for step, (a, t) in ((0, (0.2, 4.0)), (5, (0.5, 2.5)), (10, (0.8, 1.0)), (25, (0.8, 1.0))):
+    got = distill.scheduled(spec, jnp.asarray(step))
+    np.testing.assert_allclose([float(got[0]), float(got[1])], [a, t], rtol=1e-6)
+  # The loss at step 5 is the loss of the constant spec with the values of step 5.
+  fixed = distill.Spec(alpha=0.5, temperature=2.5)
+  args = (jnp.asarray(STUDENT), jnp.asarray(TEACHER), jnp.asarray(TARGETS))
+  np.testing.assert_allclose(distill.token_losses(*args, spec, jnp.asarray(5))[0],
+                             distill.token_losses(*args, fixed)[0], rtol=1e-5)
+
+
+def test_the_train_step_hands_the_loss_its_step_and_logs_the_schedule():
+  spec = distill.Spec(alpha=0.0, temperature=1.0, alpha_end=1.0, temperature_end=3.0,
+                      schedule_steps=4)
+  loss, _, tp = _pair(spec)
+  model = Transformer(STUDENT_CFG)
+  state = steps.init_state(model, optax.sgd(0.0), 0, 12)
+  seen = []
+  for _ in range(3):
+    state, metrics = steps.train_step(state, BATCH, jnp.ones((64,)), {distill.TEACHER: tp},
+                                      loss=loss, accum_steps=1)
+    seen.append((float(metrics['kd_alpha']), float(metrics['kd_temperature'])))
+  np.testing.assert_allclose(seen, [(0.0, 1.0), (0.25, 1.5), (0.5, 2.0)], rtol=1e-6)

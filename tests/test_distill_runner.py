@@ -166,3 +166,16 @@ def test_pruning_and_quantization_recover_by_distillation_from_the_dense_model(s
   config.kd.alpha = -0.5
   with pytest.raises(UserError, match=r'config\.kd: alpha=-0\.5 must be in \[0, 1\]'):
     quantize.check(config, tmp_path / 'q2')
+
+
+def test_a_kd_schedule_runs_over_the_students_steps_unless_told(source):
+  config = config_for(source, 'scratch:kd', num_steps=40)
+  config.kd.update(alpha_end=0.9, temperature_end=1.0, temperature=2.0)
+  v = distill.parse_variant('scratch:kd:t3')
+  spec = distill.kd_spec(config, v)
+  assert (spec.alpha_end, spec.temperature, spec.temperature_end, spec.schedule_steps) == (
+      0.9, 3.0, 1.0, 40)
+  config.kd.schedule_steps = 10
+  assert distill.kd_spec(config, v).schedule_steps == 10
+  config.kd.update(alpha_end=None, temperature_end=None, schedule_steps=0)
+  assert distill.kd_spec(config, v).schedule_steps == 0   # constant

@@ -110,6 +110,11 @@ def kd_config() -> ml_collections.ConfigDict:
   kd.divergence = 'forward_kl'   # forward_kl | reverse_kl | jsd
   kd.beta = 0.5                  # jsd's weight of the teacher, in (0, 1)
   kd.top_k = 0                   # > 0: the teacher's k most likely tokens only; 0: all
+  # Linear schedules from alpha / temperature at step 0 to these (unset: constant), reached at
+  # schedule_steps (0: the run's last step).
+  kd.alpha_end = config_dict.placeholder(float)
+  kd.temperature_end = config_dict.placeholder(float)
+  kd.schedule_steps = 0
   return kd
 
 
