@@ -21,7 +21,13 @@ Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
                   layer i <- teacher layer (i + 1) * depth ratio - 1), weight
                   `config.feature_weight`, a learned projection where the widths differ
   t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
+  top<k>          kd against the teacher's k most likely tokens only (`config.kd.top_k`'s
+                  place)
+  offline         kd from the teacher's top k computed once over the student's training
+                  batches (`experiments/teacher_logits.py`, in <workdir>/teacher_logits/):
+                  the teacher is not in memory while the student trains
 e.g. scratch:ce  scratch:kd  scratch:kd:feat  every2:kd  ffn50:kd  ffn50:ce  L2:scratch:jsd:t2
+     scratch:kd:top16:offline
 """
 
 import dataclasses
@@ -37,7 +43,7 @@ from etils import epath
 
 from compression import distill as distill_lib
 from compression import structural
-from experiments import finetune, source, steps, validate
+from experiments import finetune, source, steps, teacher_logits, validate
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -48,13 +54,14 @@ def parse_variant(spec: str) -> dict:
   if not parts:
     raise UserError(f'variant {spec!r} is empty')
   v = dict(spec=spec.strip(), layers=None, ffn=None, init=None, every=None, loss='kd',
-           divergence=None, temperature=None, alpha=None, features=False)
+           divergence=None, temperature=None, alpha=None, features=False, top_k=None,
+           offline=False)
   for token in parts:
-    number = re.fullmatch(r'(L|ffn|every|t|a)([0-9.]+)', token)
+    number = re.fullmatch(r'(L|ffn|every|top|t|a)([0-9.]+)', token)
     if token in ('scratch', 'ce', 'kd'):
       v.update(init='scratch') if token == 'scratch' else v.update(loss=token)
-    elif token == 'feat':
-      v['features'] = True
+    elif token in ('feat', 'offline'):
+      v['features' if token == 'feat' else 'offline'] = True
     elif token in ('rkl', 'jsd'):
       v['divergence'] = 'reverse_kl' if token == 'rkl' else 'jsd'
     elif number:
@@ -63,7 +70,7 @@ def parse_variant(spec: str) -> dict:
         value = float(text)
       except ValueError:
         raise UserError(f'variant {spec!r}: {token!r} is not a number after {key}') from None
-      if key in ('L', 'every', 'ffn') and not value.is_integer():
+      if key in ('L', 'every', 'ffn', 'top') and not value.is_integer():
         raise UserError(f'variant {spec!r}: {token!r} needs a whole number')
       if key == 'L':
         v['layers'] = int(value)
@@ -71,11 +78,14 @@ def parse_variant(spec: str) -> dict:
         v['ffn'] = int(value)
       elif key == 'every':
         v.update(init='every', every=int(value))
+      elif key == 'top':
+        v['top_k'] = int(value)
       else:
         v['temperature' if key == 't' else 'alpha'] = value
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: L<n>, ffn<p>, '
-                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, t<T>, a<alpha>')
+                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, t<T>, a<alpha>, top<k>, '
+                      f'offline')
   if v['ffn'] is not None and (v['layers'] is not None or v['init'] == 'every'):
     raise UserError(f'variant {spec!r}: ffn<p> keeps the teacher\'s depth; drop L<n>/every<k>')
   if v['ffn'] is not None and not 0 < v['ffn'] < 100:
@@ -83,9 +93,13 @@ def parse_variant(spec: str) -> dict:
   if v['init'] is None:
     v['init'] = 'pruned' if v['ffn'] is not None else 'scratch'
   if v['loss'] == 'ce' and (v['divergence'] or v['temperature'] is not None or
-                            v['alpha'] is not None or v['features']):
-    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, feat, t<T> '
-                    f'and a<alpha> apply to kd')
+                            v['alpha'] is not None or v['features'] or
+                            v['top_k'] is not None or v['offline']):
+    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, feat, t<T>, '
+                    f'a<alpha>, top<k> and offline apply to kd')
+  if v['offline'] and v['features']:
+    raise UserError(f'variant {spec!r}: feat matches the teacher\'s hidden states, which '
+                    f'offline teacher logits do not hold; drop offline or feat')
   return v
 
 
@@ -148,9 +162,15 @@ def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.
                alpha=kd.alpha if v['alpha'] is None else v['alpha'],
                temperature=kd.temperature if v['temperature'] is None else v['temperature'],
                divergence=v['divergence'] or kd.divergence, features=features,
+               top_k=kd.top_k if v['top_k'] is None else v['top_k'],
                feature_weight=config.feature_weight if features else 0.0)
   try:
     distill_lib.check(spec)
+    if v['offline'] and not spec.top_k:
+      raise ValueError('offline stores the teacher\'s top k: give top<k> or config.kd.top_k > 0')
+    if teacher_cfg is not None and spec.top_k > teacher_cfg.vocab_size:
+      raise ValueError(f'top_k={spec.top_k} exceeds the teacher\'s {teacher_cfg.vocab_size} '
+                       f'tokens')
     if features:
       distill_lib.check_layers(spec, student_cfg.n_layers, teacher_cfg.n_layers)
     return spec
@@ -252,16 +272,26 @@ def _run(config, workdir, src, variants) -> list:
     spec = kd_spec(config, v, cfg, teacher.config) if v['loss'] == 'kd' else None
     origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
                   source_step=step, variant=v['spec'],
-                  kd=None if spec is None else _jsonable(spec))
+                  kd=None if spec is None else _jsonable(spec),
+                  **({'offline': True} if v['offline'] else {}))
     sub = finetune.derived_config(src, cfg, num_steps=config.num_steps,
                                   learning_rate=config.learning_rate, seed=config.seed + 1,
                                   origin=origin, warmup_steps=config.warmup_steps)
     make_loss = None if spec is None else (
         lambda m, spec=spec: distill_lib.loss(steps.lm_loss(m, sub.optimizer.z_loss), teacher,
                                               spec))
+    extras = None
+    if v['offline']:   # the teacher's top k over exactly the batches this student will see
+      folder = teacher_logits.write(
+          sub, teacher, teacher_params, tokenizer,
+          workdir / 'teacher_logits' / f'seed{sub.seed}-k{spec.top_k}-steps{config.num_steps}',
+          k=spec.top_k, num_steps=config.num_steps,
+          teacher=dict(workdir=origin['source_workdir'], step=step))
+      extras = teacher_logits.Reader(folder)
     metrics = finetune.run(sub, workdir / 'students' / source.slug(v['spec']), start,
                            source_workdir=config.source_workdir, make_loss=make_loss,
-                           frozen=None if spec is None else frozen)
+                           frozen=None if spec is None or v['offline'] else frozen,
+                           batch_extras=extras)
     row = dict(variant=v['spec'], nats_per_byte=metrics['nats_per_byte'],
                params=_count(jax.eval_shape(lambda: Transformer(cfg).init(
                    jax.random.key(0), np.zeros((1, 1), np.int32)))),

@@ -54,10 +54,11 @@ def derived_config(source, model_cfg, *, num_steps: int, learning_rate: float, s
 
 
 def run(config, workdir, params, masks=None, source_workdir=None, make_loss=None,
-        frozen=None) -> dict:
+        frozen=None, batch_extras=None) -> dict:
   """Fine-tunes `params` by `config` in `workdir` (weights where `masks` is False stay 0);
-  `params` None starts from the config's initialisation. `make_loss` and `frozen` (e.g. a
-  distillation loss and its teacher) are `train.train_and_evaluate`'s.
+  `params` None starts from the config's initialisation. `make_loss`, `frozen` and
+  `batch_extras` (e.g. a distillation loss, its teacher, offline teacher logits) are
+  `train.train_and_evaluate`'s.
 
   Continues the workdir's fine-tune, or returns at once with its final evaluation when it is
   complete; one of another origin is archived first (workdir/archive/<n>/). The run uses the
@@ -68,7 +69,8 @@ def run(config, workdir, params, masks=None, source_workdir=None, make_loss=None
   _prepare(config, workdir, source_workdir)
   wrap = None if masks is None else lambda tx: schedules.frozen(tx, masks)
   metrics = train.train_and_evaluate(config, workdir, params=params, wrap_optimizer=wrap,
-                                     make_loss=make_loss, frozen=frozen)
+                                     make_loss=make_loss, frozen=frozen,
+                                     batch_extras=batch_extras)
   done = workdir_lib.checkpoint_steps(workdir)
   if not done or done[-1] < config.num_train_steps:
     raise UserError(f'the fine-tune in {workdir} stopped at step {done[-1] if done else 0} of '

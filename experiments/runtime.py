@@ -69,9 +69,12 @@ class Placement:
   always measures the model's own language-model loss. `frozen` ({entry: (tree, logical names
   {path: names})}, e.g. a distillation teacher's parameters) is laid out on the mesh by its
   names and handed to every train step (`steps.train_step`'s `frozen`), never trained or saved.
+  `extras` ({name: (trailing shape, dtype)}) are fields the training batches carry beyond the
+  tokens, e.g. offline teacher logits, laid out by rows like the rest of the batch.
   """
 
-  def __init__(self, config, model, tx, loss=None, frozen=None):
+  def __init__(self, config, model, tx, loss=None, frozen=None, extras=None):
+    self.extras = extras or {}   # {name: (trailing shape, dtype)} of extra batch fields
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules_for(config.sharding_rules)
     self.frozen = None if not frozen else {
@@ -104,6 +107,9 @@ class Placement:
                                sharding=self._batch_sharding)
     batch = dict(inputs=i32, targets=i32, positions=i32, segment_ids=i32,
                  weights=jax.ShapeDtypeStruct(i32.shape, jnp.float32, sharding=i32.sharding))
+    batch.update({name: jax.ShapeDtypeStruct(i32.shape + tuple(shape), dtype,
+                                             sharding=i32.sharding)
+                  for name, (shape, dtype) in self.extras.items()})
     token_bytes = jax.ShapeDtypeStruct((vocab_size,), jnp.float32, sharding=self.replicated)
     with self.rules_scope():
       return self.train_step.lower(self.abstract, batch, token_bytes, *self.frozen_args).compile()

@@ -114,7 +114,8 @@ def _set_aside_previous_run(workdir, resume: str):
 
 
 def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
-                       wrap_optimizer=None, make_loss=None, frozen=None) -> dict:
+                       wrap_optimizer=None, make_loss=None, frozen=None,
+                       batch_extras=None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval metrics.
 
   `resume`: 'auto' continues the workdir's run and refuses one of another configuration;
@@ -131,6 +132,10 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     make_loss: `model -> loss` (see `steps.LmLoss`); default `steps.lm_loss(model, z_loss)`.
     frozen: {entry: (tree, logical names)} the loss reads beside the parameters, untrained and
       unsaved, e.g. `{compression.distill.TEACHER: (teacher params, names)}` (`Placement`).
+    batch_extras: fields added to each training batch, `batch_extras(step, batch) -> {name:
+      host array [rows, seq_len, ...]}` for the 0-based step the batch trains, with
+      `batch_extras.fields() -> {name: (trailing shape, dtype)}`; e.g. offline teacher logits
+      (`experiments.teacher_logits.Reader`).
   With `config.qat.bits` > 0 the loss is quantization-aware (`steps.qat_loss` around it) and
   evaluation and samples run the fake-quantized model, the one `compression.qat.convert` serves;
   with `config.low_precision.format` set its matmuls run on int8 or fp8 (`steps.training_loss`).
@@ -161,9 +166,11 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     ckpts = checkpoints.Checkpoints(workdir, config.keep_checkpoints)
     failed = True
     try:
-      placement = Placement(config, model, tx, loss, frozen)
+      placement = Placement(config, model, tx, loss, frozen,
+                            batch_extras.fields() if batch_extras else None)
       start = _start_state(ckpts, placement, signature, params_from, params)
-      result = _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
+      result = _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start,
+                      batch_extras)
       failed = False
     finally:   # every exit path, an exception included, finishes the write in flight
       ckpts.wait(raise_errors=not failed)
@@ -171,7 +178,8 @@ def train_and_evaluate(config, workdir, resume: str = 'auto', *, params=None,
     return result
 
 
-def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start) -> dict:
+def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start,
+           batch_extras=None) -> dict:
   lead = jax.process_index() == 0   # the one process that writes files
   model = placement.model
   step, state, data_state = start
@@ -228,7 +236,10 @@ def _train(config, workdir, stop, tokenizer, placement, signature, ckpts, start)
       step < total) else None
   try:
     while step < total and not stop.requested:
-      batch = placement.batch(next(train_iter))
+      batch = next(train_iter)
+      if batch_extras is not None:
+        batch = dict(batch, **batch_extras(step, batch))
+      batch = placement.batch(batch)
       with placement.rules_scope():
         state, metrics = train_step(state, batch, token_bytes, *placement.frozen_args)
       step += 1
