@@ -9,6 +9,10 @@ With p the teacher's and q the student's distribution at temperature T (softmax(
 and the loss per token is  alpha * T^2 * divergence + (1 - alpha) * CE(student, target)  (T^2
 keeps the divergence's gradients the size of CE's as T grows, as Hinton et al. note).
 
+Attention transfer (`attention`, as in MiniLM, Wang et al., 2020): a student layer's
+attention probabilities learn a teacher layer's, by KL(teacher || student) over the keys of each
+query row, averaged over heads (over the head-averaged maps where the head counts differ).
+
 Top-k teachers (`top_k`): the teacher's k most likely ids with their log-probabilities at T = 1,
 what an offline pass stores for a large vocabulary. The divergence is then taken between the
 two distributions restricted to those k ids, each renormalised over them (the teacher's
@@ -31,7 +35,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
-from models.transformer import block_outputs, capture_blocks
+from models.transformer import attention_maps, block_outputs, capture_filter
 
 DIVERGENCES = ('forward_kl', 'reverse_kl', 'jsd')
 
@@ -49,6 +53,11 @@ class Spec:
   # by `feature_weight` per pair on average.
   features: Tuple[Tuple[int, int], ...] = ()
   feature_weight: float = 0.0
+  # Attention transfer: (student layer, teacher layer) pairs whose attention probabilities are
+  # matched (`attention_losses`), weighted by `attention_weight` per pair on average. Both
+  # models should mask alike (same sliding window): keys only the teacher sees cost a lot.
+  attention: Tuple[Tuple[int, int], ...] = ()
+  attention_weight: float = 0.0
   # Schedules: alpha and T move linearly from the values above at step 0 to these at
   # `schedule_steps`, then stay (None: constant).
   alpha_end: Optional[float] = None
@@ -74,9 +83,11 @@ def check(spec: Spec):
       ('schedule_steps', _index(spec.schedule_steps) and (
           spec.schedule_steps > 0 or (spec.alpha_end is None and spec.temperature_end is None)),
        'an integer > 0 where alpha_end or temperature_end is set'),
-      ('features', isinstance(spec.features, tuple) and all(
-          isinstance(p, tuple) and len(p) == 2 and all(_index(i) for i in p)
-          for p in spec.features), 'pairs (student layer, teacher layer) of integers >= 0')):
+      ('attention_weight', _number(spec.attention_weight) and spec.attention_weight >= 0,
+       '>= 0'),
+      ('features', _pairs(spec.features), 'pairs (student layer, teacher layer) of integers >= 0'),
+      ('attention', _pairs(spec.attention),
+       'pairs (student layer, teacher layer) of integers >= 0')):
     if not ok:
       raise ValueError(f'{name}={getattr(spec, name)!r} must be {allowed}')
   return spec
@@ -84,11 +95,17 @@ def check(spec: Spec):
 
 def check_layers(spec: Spec, student_layers: int, teacher_layers: int):
   """One-line ValueError for a layer pair outside either model."""
-  for i, j in spec.features:
-    if i >= student_layers or j >= teacher_layers:
-      raise ValueError(f'features: the pair ({i}, {j}) is outside the student\'s {student_layers} '
-                       f'or the teacher\'s {teacher_layers} layers')
+  for name in ('features', 'attention'):
+    for i, j in getattr(spec, name):
+      if i >= student_layers or j >= teacher_layers:
+        raise ValueError(f'{name}: the pair ({i}, {j}) is outside the student\'s '
+                         f'{student_layers} or the teacher\'s {teacher_layers} layers')
   return spec
+
+
+def _pairs(x) -> bool:
+  return isinstance(x, tuple) and all(
+      isinstance(p, tuple) and len(p) == 2 and all(_index(i) for i in p) for p in x)
 
 
 def _index(x) -> bool:
@@ -178,9 +195,12 @@ OFFLINE = ('teacher_ids', 'teacher_logprobs')   # batch fields of offline top-k 
 class Loss:
   """The KD loss of `spec` for a student (`base`) and a `teacher` model; summed over tokens like
   `base`, with sums 'ce' (the student's own cross-entropy), 'kd' (the divergence), 'agree'
-  (student's top token == teacher's) and 'tokens'. Frozen and hashable: a static jit argument.
+  (student's top token == teacher's), 'tokens', and 'feature' / 'attention' where those
+  transfers are on. Frozen and hashable: a static jit argument.
   """
-  base: Callable   # `base.forward(params, batch, rng) -> (logits, router loss, router metrics)`
+  # `base.forward(params, batch, rng, hidden=, attention=) -> (logits, router loss, router
+  # metrics, hidden states[, attention maps])`, as `experiments.steps.LmLoss.forward`
+  base: Callable
   teacher: Any     # the teacher's flax module (e.g. a `models.Transformer`)
   spec: Spec
 
@@ -190,9 +210,13 @@ class Loss:
 
   def __call__(self, params, batch, rng=None):
     student = self.model_params(params)
-    features = bool(self.spec.features)
-    logits, router, metrics, hidden = self.base.forward(student, batch, rng, hidden=features)
-    teacher, teacher_hidden = self.teacher_outputs(params.get(TEACHER), batch, features)
+    features, attention = bool(self.spec.features), bool(self.spec.attention)
+    # `attention=` only when asked: a base without attention maps keeps working without it.
+    out = self.base.forward(student, batch, rng, hidden=features,
+                            **(dict(attention=True) if attention else {}))
+    logits, router, metrics, hidden = out[:4]
+    teacher_out = self.teacher_outputs(params.get(TEACHER), batch, features, attention)
+    teacher, teacher_hidden = teacher_out[:2]
     if not isinstance(teacher, TopK) and teacher.shape[-1] != logits.shape[-1]:
       raise ValueError(f'the teacher scores {teacher.shape[-1]} tokens and the student '
                        f'{logits.shape[-1]}: they need one vocabulary')
@@ -211,27 +235,42 @@ class Loss:
       feat = feature_losses(hidden, teacher_hidden, self.spec.features, params.get(PROJECTIONS))
       total = total + self.spec.feature_weight * feat
       sums['feature'] = jnp.sum(feat * w)
+    if attention:
+      att = attention_losses(out[4], teacher_out[2], self.spec.attention)
+      total = total + self.spec.attention_weight * att
+      sums['attention'] = jnp.sum(att * w)
     sums.update({k: tokens * v for k, v in metrics.items()})
     return jnp.sum(total * w) + tokens * router, sums
 
-  def teacher_outputs(self, teacher_params, batch, hidden: bool = False):
+  def teacher_outputs(self, teacher_params, batch, hidden: bool = False,
+                      attention: bool = False):
     """(the teacher's logits of `batch` (its top k with `spec.top_k`) or the batch's offline
-    top k, its residual streams after each layer if `hidden` else None); never differentiated."""
-    if all(k in batch for k in OFFLINE) and not hidden:
+    top k, its residual streams after each layer if `hidden` else None), plus its attention
+    maps per layer as a third element if `attention`; never differentiated."""
+    if all(k in batch for k in OFFLINE) and not (hidden or attention):
       return TopK(batch['teacher_ids'], jax.lax.stop_gradient(batch['teacher_logprobs'])), None
     if teacher_params is None:
+      if attention:
+        raise ValueError(f'attention transfer needs the teacher model: pass its parameters as '
+                         f'the step\'s frozen {{{TEACHER!r}: params}} (offline top-k batches '
+                         f'carry no attention maps)')
       raise ValueError(f'no teacher: pass its parameters as the step\'s frozen {{{TEACHER!r}: '
                        f'params}} or batches with {" and ".join(OFFLINE)}')
+    inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
+    capture = capture_filter(hidden, attention)
     out = self.teacher.apply(
-        {'params': jax.lax.stop_gradient(teacher_params)}, batch['inputs'],
-        positions=batch['positions'], segment_ids=batch['segment_ids'],
-        **(dict(capture_intermediates=capture_blocks, mutable=['intermediates']) if hidden
-           else {}))
-    logits, states = out if hidden else (out, None)
+        {'params': jax.lax.stop_gradient(teacher_params)}, batch['inputs'], **inputs,
+        **(dict(capture_intermediates=capture, mutable=['intermediates']) if capture else {}))
+    logits, state = out if capture else (out, None)
     logits = jax.lax.stop_gradient(logits)
-    if hidden:
-      states = jax.lax.stop_gradient(block_outputs(states['intermediates'], self.teacher.config))
-    return (top_k(logits, self.spec.top_k) if self.spec.top_k else logits), states
+    logits = top_k(logits, self.spec.top_k) if self.spec.top_k else logits
+    cfg = self.teacher.config
+    states = (jax.lax.stop_gradient(block_outputs(state['intermediates'], cfg)) if hidden
+              else None)
+    if not attention:
+      return logits, states
+    return logits, states, jax.lax.stop_gradient(
+        attention_maps(state['intermediates'], cfg, **inputs))
 
   def model_params(self, params):
     """The student's own parameters (without the teacher and the projections)."""
@@ -264,9 +303,32 @@ def feature_losses(student_hidden, teacher_hidden, pairs, projections=None):
   return out / max(len(pairs), 1)
 
 
+def attention_losses(student_maps, teacher_maps, pairs):
+  """Per token [B, L]: the mean over `pairs` (i, j) of KL(teacher map j || student map i) over
+  the keys of each query row, averaged over heads. Maps are [B, N, L, S] probabilities; where
+  the head counts differ, the head-averaged maps (still distributions) are compared instead.
+  Masked keys (probability 0 for the teacher) add 0; a student probability of 0 where the
+  teacher's is not counts as the smallest float32 normal (a large finite term)."""
+  out = 0.0
+  for i, j in pairs:
+    s_BxNxLxS = student_maps[i].astype(jnp.float32)
+    t_BxNxLxS = teacher_maps[j].astype(jnp.float32)
+    if s_BxNxLxS.shape[1] != t_BxNxLxS.shape[1]:
+      s_BxNxLxS = jnp.mean(s_BxNxLxS, axis=1, keepdims=True)
+      t_BxNxLxS = jnp.mean(t_BxNxLxS, axis=1, keepdims=True)
+    seen = t_BxNxLxS > 0
+    # Safe logs on both sides of the where: an unselected log(0) would still put NaN in the
+    # gradient.
+    log_t = jnp.log(jnp.where(seen, t_BxNxLxS, 1.0))
+    log_s = jnp.log(jnp.maximum(s_BxNxLxS, jnp.finfo(jnp.float32).tiny))
+    kl_BxNxL = jnp.sum(jnp.where(seen, t_BxNxLxS * (log_t - log_s), 0.0), axis=-1)
+    out = out + jnp.mean(kl_BxNxL, axis=1)
+  return out / max(len(pairs), 1)
+
+
 def loss(base: Callable, teacher, spec: Spec) -> Loss:
   """The distillation loss of a student's `base` loss and a `teacher` module (spec checked)."""
   check(spec)
-  if spec.features:
+  if spec.features or spec.attention:
     check_layers(spec, base.model.config.n_layers, teacher.config.n_layers)
   return Loss(base, teacher, spec)

@@ -20,6 +20,8 @@ Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
   feat            kd plus hidden-state transfer: `config.features` pairs (default: student
                   layer i <- teacher layer (i + 1) * depth ratio - 1), weight
                   `config.feature_weight`, a learned projection where the widths differ
+  attn            kd plus attention-map transfer: `config.attention` pairs (default as feat's),
+                  KL(teacher || student) over each query's keys, weight `config.attention_weight`
   t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
   top<k>          kd against the teacher's k most likely tokens only (`config.kd.top_k`'s
                   place)
@@ -54,14 +56,14 @@ def parse_variant(spec: str) -> dict:
   if not parts:
     raise UserError(f'variant {spec!r} is empty')
   v = dict(spec=spec.strip(), layers=None, ffn=None, init=None, every=None, loss='kd',
-           divergence=None, temperature=None, alpha=None, features=False, top_k=None,
-           offline=False)
+           divergence=None, temperature=None, alpha=None, features=False, attention=False,
+           top_k=None, offline=False)
   for token in parts:
     number = re.fullmatch(r'(L|ffn|every|top|t|a)([0-9.]+)', token)
     if token in ('scratch', 'ce', 'kd'):
       v.update(init='scratch') if token == 'scratch' else v.update(loss=token)
-    elif token in ('feat', 'offline'):
-      v['features' if token == 'feat' else 'offline'] = True
+    elif token in ('feat', 'attn', 'offline'):
+      v[dict(feat='features', attn='attention', offline='offline')[token]] = True
     elif token in ('rkl', 'jsd'):
       v['divergence'] = 'reverse_kl' if token == 'rkl' else 'jsd'
     elif number:
@@ -84,8 +86,8 @@ def parse_variant(spec: str) -> dict:
         v['temperature' if key == 't' else 'alpha'] = value
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: L<n>, ffn<p>, '
-                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, t<T>, a<alpha>, top<k>, '
-                      f'offline')
+                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, attn, t<T>, a<alpha>, '
+                      f'top<k>, offline')
   if v['ffn'] is not None and (v['layers'] is not None or v['init'] == 'every'):
     raise UserError(f'variant {spec!r}: ffn<p> keeps the teacher\'s depth; drop L<n>/every<k>')
   if v['ffn'] is not None and not 0 < v['ffn'] < 100:
@@ -93,13 +95,13 @@ def parse_variant(spec: str) -> dict:
   if v['init'] is None:
     v['init'] = 'pruned' if v['ffn'] is not None else 'scratch'
   if v['loss'] == 'ce' and (v['divergence'] or v['temperature'] is not None or
-                            v['alpha'] is not None or v['features'] or
+                            v['alpha'] is not None or v['features'] or v['attention'] or
                             v['top_k'] is not None or v['offline']):
-    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, feat, t<T>, '
-                    f'a<alpha>, top<k> and offline apply to kd')
-  if v['offline'] and v['features']:
-    raise UserError(f'variant {spec!r}: feat matches the teacher\'s hidden states, which '
-                    f'offline teacher logits do not hold; drop offline or feat')
+    raise UserError(f'variant {spec!r}: ce trains without the teacher; rkl, jsd, feat, attn, '
+                    f't<T>, a<alpha>, top<k> and offline apply to kd')
+  if v['offline'] and (v['features'] or v['attention']):
+    raise UserError(f'variant {spec!r}: feat and attn match the teacher\'s hidden states and '
+                    f'attention, which offline teacher logits do not hold; drop offline')
   return v
 
 
@@ -154,16 +156,21 @@ def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.
   """The KD loss of variant `v`: `config.kd` with the variant's overrides (checked; layer
   pairs against the student's and teacher's depths when their configs are given)."""
   kd = config.kd
-  features = ()
+  features = attention = ()
   if v['features']:
-    features = (_feature_pairs(config.features) if config.features else
+    features = (_layer_pairs(config.features, 'features') if config.features else
                 _uniform_pairs(student_cfg.n_layers, teacher_cfg.n_layers))
+  if v['attention']:
+    attention = (_layer_pairs(config.attention, 'attention') if config.attention else
+                 _uniform_pairs(student_cfg.n_layers, teacher_cfg.n_layers))
   spec = _spec(kd, config.num_steps,
                alpha=kd.alpha if v['alpha'] is None else v['alpha'],
                temperature=kd.temperature if v['temperature'] is None else v['temperature'],
                divergence=v['divergence'] or kd.divergence, features=features,
                top_k=kd.top_k if v['top_k'] is None else v['top_k'],
-               feature_weight=config.feature_weight if features else 0.0)
+               feature_weight=config.feature_weight if features else 0.0,
+               attention=attention,
+               attention_weight=config.attention_weight if attention else 0.0)
   try:
     distill_lib.check(spec)
     if v['offline'] and not spec.top_k:
@@ -171,20 +178,20 @@ def kd_spec(config, v: dict, student_cfg=None, teacher_cfg=None) -> distill_lib.
     if teacher_cfg is not None and spec.top_k > teacher_cfg.vocab_size:
       raise ValueError(f'top_k={spec.top_k} exceeds the teacher\'s {teacher_cfg.vocab_size} '
                        f'tokens')
-    if features:
+    if features or attention:
       distill_lib.check_layers(spec, student_cfg.n_layers, teacher_cfg.n_layers)
     return spec
   except ValueError as e:
     raise UserError(f'variant {v["spec"]!r}: {e}') from None
 
 
-def _feature_pairs(text: str):
+def _layer_pairs(text: str, field: str):
   try:
     pairs = tuple(tuple(int(x) for x in p.split(':')) for p in text.split(','))
   except ValueError:
     pairs = ()
   if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
-    raise UserError(f'config.features={text!r} must be student:teacher layer pairs, e.g. 0:1,1:3')
+    raise UserError(f'config.{field}={text!r} must be student:teacher layer pairs, e.g. 0:1,1:3')
   return pairs
 
 
@@ -228,9 +235,10 @@ def check(config, workdir):
   lr = config.learning_rate
   if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
     raise UserError(f'config.learning_rate={lr!r} must be a number > 0')
-  if isinstance(config.feature_weight, bool) or not isinstance(
-      config.feature_weight, (int, float)) or not config.feature_weight >= 0:
-    raise UserError(f'config.feature_weight={config.feature_weight!r} must be a number >= 0')
+  for field in ('feature_weight', 'attention_weight'):
+    w = config.get(field, 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+      raise UserError(f'config.{field}={w!r} must be a number >= 0')
   for v in variants:
     if v['loss'] == 'kd':
       kd_spec(config, v, student_config(v, cfg), cfg)

@@ -22,7 +22,7 @@ from flax.training import train_state
 
 from compression import distill, low_precision, qat, schedules
 from models import ModelConfig, Transformer, layouts, moe
-from models.transformer import block_outputs, capture_blocks
+from models.transformer import attention_maps, block_outputs, capture_filter
 
 TrainState = train_state.TrainState
 
@@ -111,22 +111,26 @@ class LmLoss:
   model: Transformer
   z_loss: float = 0.0
 
-  def forward(self, params, batch, rng=None, hidden: bool = False):
+  def forward(self, params, batch, rng=None, hidden: bool = False, attention: bool = False):
     """(logits [B, L, V], the router loss per token, the router metrics, the residual stream
     after each layer if `hidden` else None) of `batch`: what a loss built on this one
-    (distillation) reads of the model."""
+    (distillation) reads of the model. With `attention`, a fifth element: each layer's
+    attention probabilities [B, N, L, L] (`models.transformer.attention_maps`)."""
     cfg = self.model.config
     inputs = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
     rngs = {'jitter': rng} if rng is not None and cfg.router_jitter > 0 else {}
-    mutable = (['moe'] if cfg.n_experts else []) + (['intermediates'] if hidden else [])
+    capture = hidden or attention
+    mutable = (['moe'] if cfg.n_experts else []) + (['intermediates'] if capture else [])
     if not mutable:
       return self.model.apply({'params': params}, batch['inputs'], **inputs), 0.0, {}, None
     logits, state = self.model.apply(
         {'params': params}, batch['inputs'], mutable=mutable, rngs=rngs,
-        capture_intermediates=capture_blocks if hidden else False, **inputs)
+        capture_intermediates=capture_filter(hidden, attention), **inputs)
     router, metrics = moe.router_loss(state['moe'], cfg) if cfg.n_experts else (0.0, {})
     states = block_outputs(state['intermediates'], cfg) if hidden else None
-    return logits, router, metrics, states
+    if not attention:
+      return logits, router, metrics, states
+    return logits, router, metrics, states, attention_maps(state['intermediates'], cfg, **inputs)
 
   def __call__(self, params, batch, rng=None):
     logits, router, metrics, _ = self.forward(params, batch, rng)
@@ -260,7 +264,8 @@ def train_step(state: TrainState, batch, token_bytes, frozen=None, *, loss, accu
 
 
 # How a summed term is named among the step's metrics.
-_METRIC_NAMES = dict(z='z_loss', kd='kd_loss', agree='teacher_agreement', feature='feature_loss')
+_METRIC_NAMES = dict(z='z_loss', kd='kd_loss', agree='teacher_agreement', feature='feature_loss',
+                     attention='attention_loss')
 
 
 @functools.partial(jax.jit, static_argnames=('loss',))

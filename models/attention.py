@@ -88,6 +88,18 @@ def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
   return out_BxLxKxGxH.reshape(b, length, n, h)
 
 
+def probabilities(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array,
+                  mask_Bx1xLxS: jax.Array) -> jax.Array:
+  """The float32 weights [B, N, L, S] that `attend` gives the values: the same scores and
+  masked softmax, with each key head repeated for the G = N / K query heads of its group (query
+  head n reads key head n // G, as `attend`'s [K, G] split does)."""
+  n, k = q_BxLxNxH.shape[2], k_BxSxKxH.shape[2]
+  k_BxSxNxH = jnp.repeat(k_BxSxKxH, n // k, axis=2)
+  s_BxNxLxS = jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxNxH,
+                         preferred_element_type=jnp.float32)
+  return _masked_softmax(s_BxNxLxS, mask_Bx1xLxS, q_BxLxNxH.shape[-1])
+
+
 def attend_causal(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array,
                   mask_Bx1xLxL: jax.Array, chunks: int = 2) -> jax.Array:
   """`attend` within one causal chunk, skipping the keys no query of a block can see.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from models import axes
-from models.attention import Attention, Geometry
+from models.attention import Attention, Geometry, chunk_mask, probabilities, rope
 from models.config import ModelConfig
 from models.layers import WEIGHT_DOT, Embed, Linear, Mlp, Norm
 from models.moe import MoeMlp
@@ -163,6 +163,49 @@ def block_outputs(intermediates: dict, cfg: ModelConfig) -> list:
     raise ValueError('block outputs are read from unrolled layers (scan_layers=False)')
   u = cfg.n_unique_layers
   return [intermediates[block_name(i % u)]['__call__'][i // u][0] for i in range(cfg.n_layers)]
+
+
+def capture_attention(module: nn.Module, method_name: str) -> bool:
+  """A `capture_intermediates` filter recording each attention layer's query and key
+  projections (before rotary embedding), for `attention_maps`."""
+  return (method_name == '__call__' and isinstance(module, Linear)
+          and module.name in ('query', 'key') and isinstance(module.parent, Attention))
+
+
+def capture_filter(blocks: bool = False, attention: bool = False):
+  """The `capture_intermediates` argument recording block outputs (`capture_blocks`) and/or
+  attention projections (`capture_attention`) in one apply; False when neither."""
+  chosen = [f for f, on in ((capture_blocks, blocks), (capture_attention, attention)) if on]
+  if not chosen:
+    return False
+  return lambda module, method_name: any(f(module, method_name) for f in chosen)
+
+
+def attention_maps(intermediates: dict, cfg: ModelConfig, positions: Optional[jax.Array] = None,
+                   segment_ids: Optional[jax.Array] = None) -> list:
+  """Each of the `n_layers` layers' attention probabilities [B, N, L, L] (float32), from what
+  `capture_attention` recorded in a cache-less call with these `positions` (None: 0..L-1) and
+  `segment_ids`: the same rotary embedding, mask and softmax as the model's XLA attention.
+
+  Unrolled layers only, a shared block once per call, as `block_outputs`. Each map holds
+  B * N * L^2 floats: meant for the short sequences of distillation.
+  """
+  if cfg.scan_layers:
+    raise ValueError('attention maps are read from unrolled layers (scan_layers=False)')
+  u = cfg.n_unique_layers
+  maps = []
+  for i in range(cfg.n_layers):
+    attn = intermediates[block_name(i % u)]['attn']
+    q_BxLxNxH, k_BxLxKxH = (attn[name]['__call__'][i // u] for name in ('query', 'key'))
+    b, length = q_BxLxNxH.shape[:2]
+    pos_BxL = (jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+               if positions is None else positions)
+    if cfg.position == 'rope':
+      q_BxLxNxH = rope(q_BxLxNxH, pos_BxL, cfg.rope_theta)
+      k_BxLxKxH = rope(k_BxLxKxH, pos_BxL, cfg.rope_theta)
+    mask = chunk_mask(Geometry(pos_BxL, segment_ids), length, cfg.sliding_window)
+    maps.append(probabilities(q_BxLxNxH, k_BxLxKxH, mask))
+  return maps
 
 
 def block_name(i: int) -> str:

@@ -123,6 +123,11 @@ def test_a_distillation_run_resumes_after_sigterm_to_the_same_losses(source, tmp
     (dict(variants='scratch:feat', features='0-1'), r"config\.features='0-1' must be student:"),
     (dict(variants='scratch:ce:feat'), r'ce trains without the teacher'),
     (dict(feature_weight=-1.0), r'config\.feature_weight=-1\.0 must be a number >= 0'),
+    (dict(variants='scratch:attn', attention='1:0'), r"attention: the pair \(1, 0\) is outside"),
+    (dict(variants='scratch:attn', attention='x'), r"config\.attention='x' must be student:"),
+    (dict(attention_weight=-0.5), r'config\.attention_weight=-0\.5 must be a number >= 0'),
+    (dict(variants='scratch:attn:top4:offline'), r'attn match the teacher.s hidden states and '
+                                                 r'attention.*drop offline'),
 ])
 def test_bad_input_is_one_line_before_any_work(source, tmp_path, changes, match):
   config = config_for(source, 'scratch:kd')
@@ -179,3 +184,12 @@ def test_a_kd_schedule_runs_over_the_students_steps_unless_told(source):
   assert distill.kd_spec(config, v).schedule_steps == 10
   config.kd.update(alpha_end=None, temperature_end=None, schedule_steps=0)
   assert distill.kd_spec(config, v).schedule_steps == 0   # constant
+
+
+def test_attention_transfer_trains_the_student_towards_the_teachers_maps(source, tmp_path):
+  config = config_for(source, 'scratch:attn', attention_weight=0.5)
+  rows = distill.run(config, tmp_path)
+  assert rows[1]['kd']['attention'] == [[0, 1]] and rows[1]['kd']['attention_weight'] == 0.5
+  logged = [r for r in records(tmp_path / 'students' / 'scratch-attn') if 'train_loss' in r]
+  assert len(logged) == 2 and all(r['attention_loss'] > 0 for r in logged)
+  assert not any('feature_loss' in r for r in logged)

@@ -39,6 +39,10 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   # j; '': layer i <- (i + 1) * depth ratio - 1), each pair's relative squared error weighted so.
   config.features = ''
   config.feature_weight = 1.0
+  # Attention-map transfer of `attn` variants: pairs as `features` ('': the same default),
+  # each pair's KL(teacher || student) over every query's keys, averaged over heads, weighted so.
+  config.attention = ''
+  config.attention_weight = 1.0
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8
