@@ -9,6 +9,9 @@ Typical use (the train loop calls exactly these):
 
 Batches are dicts of NumPy arrays [batch, seq_len]: int32 inputs, targets, segment_ids,
 positions and float32 weights (see `pipeline`).
+
+`mix` adds a second training dataset by rows, e.g. a teacher's generations written by
+`experiments/seqkd.py`; evaluation and the tokenizer always come from the main dataset.
 """
 
 from typing import Optional
@@ -20,8 +23,8 @@ from experiments.data import pipeline, sources, tokenizers
 from experiments.data.pipeline import iterator_state_from_json, iterator_state_to_json
 from experiments.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
-__all__ = ['default_config', 'check_config', 'check_available', 'prepare', 'get_tokenizer',
-           'train_iterator', 'eval_batches', 'eval_texts', 'iterator_state_to_json',
+__all__ = ['default_config', 'mix_config', 'check_config', 'check_available', 'prepare',
+           'get_tokenizer', 'train_iterator', 'eval_batches', 'eval_texts', 'iterator_state_to_json',
            'iterator_state_from_json',
            'ByteTokenizer', 'SentencePieceTokenizer', 'Tokenizer']
 
@@ -42,7 +45,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.spm_model_type = 'unigram'  # SentencePiece algorithm: 'unigram' or 'bpe'
   c.seq_len = 256            # tokens per training row (model input length)
   c.shuffle_window = 1024    # packed rows shuffled together, so a batch mixes many documents
+  # A second training dataset mixed in by rows; configs saved without `mix` read as off.
+  c.mix = ml_collections.ConfigDict()
+  c.mix.name = ''            # '' = off; a TFDS name, e.g. the 'seqkd' of experiments/seqkd.py
+  c.mix.data_dir = config_dict.placeholder(str)  # where it is prepared; None: data_dir
+  c.mix.split = 'train'      # TFDS split expression
+  c.mix.weight = 0.5         # fraction of training rows from the mix dataset, in (0, 1]
+  c.mix.text_key = 'text'    # its feature holding the document text
   return c
+
+
+def mix_config(data_config) -> Optional[ml_collections.ConfigDict]:
+  """The `mix` section when mixing is on, else None (older configs have no `mix`)."""
+  mix = data_config.get('mix')
+  return mix if mix is not None and mix.get('name') else None
+
+
+def _mix_dir(data_config) -> Optional[str]:
+  return data_config.mix.get('data_dir') or data_config.data_dir
 
 
 def check_config(data_config) -> None:
@@ -72,6 +92,21 @@ def check_config(data_config) -> None:
     model_type = c.get('spm_model_type', 'unigram')
     if model_type not in tokenizers.SPM_MODEL_TYPES:
       bad(f'spm_model_type={model_type!r} is not one of {", ".join(tokenizers.SPM_MODEL_TYPES)}')
+  mix = mix_config(c)
+  if mix is not None:
+    if not isinstance(mix.name, str):
+      bad(f'mix.name={mix.name!r} must be a dataset name, or \'\' for no mixing')
+    for field in ('split', 'text_key'):
+      if not isinstance(mix[field], str) or not mix[field]:
+        bad(f'mix.{field}={mix[field]!r} must be a non-empty string')
+    w = mix.weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+      bad(f'mix.weight={w!r} must be in (0, 1]: the fraction of training rows from mix.name '
+          f'(1.0: only it)')
+    if not sources.is_known(mix.name, _mix_dir(c)):
+      bad(f'mix dataset mix.name={mix.name!r} is not prepared under '
+          f'{sources.data_dir(_mix_dir(c))}: write it first (experiments/seqkd.py) or set '
+          f'mix.data_dir')
 
 
 def check_available(data_config) -> None:
@@ -80,11 +115,17 @@ def check_available(data_config) -> None:
   sources.check(data_config.name, data_config.data_dir,
                 dict(train_split=data_config.train_split, eval_split=data_config.eval_split),
                 data_config.text_key)
+  mix = mix_config(data_config)
+  if mix is not None:
+    sources.check(mix.name, _mix_dir(data_config), {'mix.split': mix.split}, mix.text_key,
+                  text_field='mix.text_key')
 
 
 def prepare(data_config) -> None:
   """Builds the embedded corpus if missing (offline, seconds); other datasets must be ready."""
   sources.prepare(data_config.name, data_config.data_dir)
+  if mix_config(data_config) is not None:
+    sources.prepare(data_config.mix.name, _mix_dir(data_config))
 
 
 def _source(data_config, split: str):
@@ -107,13 +148,19 @@ def train_iterator(data_config, tokenizer: Tokenizer, *, batch_size: int, seed: 
                    process_index: int = 0, process_count: int = 1):
   """An infinite Grain `DatasetIterator` of this host's batches of `batch_size` rows.
 
+  With `mix` on, the fraction `mix.weight` of the rows comes from the mix dataset.
   `get_state()` / `set_state()` restore the exact position; save the state with
   `iterator_state_to_json`.
   """
+  mix = mix_config(data_config)
+  if mix is not None:
+    mix = (sources.data_source(mix.name, mix.split, _mix_dir(data_config)), mix.text_key,
+           float(mix.weight))
   ds = pipeline.train_dataset(
       _source(data_config, data_config.train_split), tokenizer, seq_len=data_config.seq_len,
       batch_size=batch_size, seed=seed, shuffle_window=data_config.shuffle_window,
-      text_key=data_config.text_key, process_index=process_index, process_count=process_count)
+      text_key=data_config.text_key, process_index=process_index, process_count=process_count,
+      mix=mix)
   return iter(ds)
 
 

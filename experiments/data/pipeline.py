@@ -5,6 +5,7 @@ seq_len + 1 tokens; a long document simply continues in the next row. Within a r
 number the pieces 1..k (0 = padding) and positions restart at 0 in each piece. A batch holds
 inputs = row[:-1] and targets = row[1:], weighted 1 only where the target is in the same piece
 as its input token, so nothing is ever predicted across documents or into padding.
+A second dataset can be mixed in by rows (`train_dataset(mix=...)`).
 
 Everything runs in the calling process (no worker processes), and the train iterator's state
 (a small dict of counters) restores its exact position.
@@ -60,14 +61,31 @@ def to_batch(rows: dict[str, np.ndarray]) -> Batch:
               weights=same_piece.astype(np.float32))
 
 
-def train_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                  shuffle_window: int, text_key: str = 'text', process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """Infinite batches: documents reshuffled every epoch, rows shuffled within a window."""
+def packed_rows(source, tokenizer, *, seq_len: int, seed: int, text_key: str = 'text',
+                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Infinite packed rows of this host's share of `source`, documents reshuffled every epoch."""
   docs = documents(source, text_key, process_index, process_count)
   # Shuffle before repeat: each epoch gets its own order (the seed is folded with the epoch).
   docs = docs.shuffle(seed=seed).repeat().map(tokenize_fn(tokenizer))
-  rows = pack(docs.to_iter_dataset(_READ), seq_len)
+  return pack(docs.to_iter_dataset(_READ), seq_len)
+
+
+def train_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                  shuffle_window: int, text_key: str = 'text', process_index: int = 0,
+                  process_count: int = 1,
+                  mix: Optional[tuple[Any, str, float]] = None) -> grain.IterDataset:
+  """Infinite batches: documents reshuffled every epoch, rows shuffled within a window.
+
+  `mix` = (source, text_key, weight) adds a second dataset: packed on its own, its rows make up
+  the fraction `weight` of all rows (1.0: only its rows), interleaved in fixed proportions.
+  """
+  shard = dict(seq_len=seq_len, process_index=process_index, process_count=process_count)
+  rows = packed_rows(source, tokenizer, seed=seed, text_key=text_key, **shard)
+  if mix is not None:
+    mix_source, mix_key, weight = mix
+    # Packed apart, so a row is all one dataset's and the weight counts rows (tokens).
+    extra = packed_rows(mix_source, tokenizer, seed=(seed + 2) % 2**32, text_key=mix_key, **shard)
+    rows = extra if weight >= 1 else grain.IterDataset.mix([rows, extra], [1 - weight, weight])
   # Rows of one long scene come out together; a window shuffle spreads them over many batches.
   rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=shuffle_window,
                                                      seed=(seed + 1) % 2**32)

@@ -77,10 +77,12 @@ def _split_names(split: str) -> list:
   return [part.strip() for part in re.sub(r'\[[^\]]*\]', '', split).split('+')]
 
 
-def check(name: str, root: Optional[str], splits: dict, text_key: str) -> None:
+def check(name: str, root: Optional[str], splits: dict, text_key: str,
+          text_field: str = 'text_key') -> None:
   """Raises UserError unless `name` can be read: prepared (or the embedded corpus, which is
   built on first use), with the `splits` ({config field: split}) non-empty, a `text_key`
-  feature, and whole shard files. Reads metadata and shard footers only.
+  feature (the config field `text_field`), and whole shard files. Reads metadata and shard
+  footers only.
   """
   root = data_dir(root)
 
@@ -96,7 +98,7 @@ def check(name: str, root: Optional[str], splits: dict, text_key: str) -> None:
       for field, split in splits.items():
         _check_split_syntax(field, split, shakespeare.SPLITS)
       if text_key not in shakespeare.FEATURES:
-        raise UserError(f'data config: text_key={text_key!r} is not a feature of {name!r} '
+        raise UserError(f'data config: {text_field}={text_key!r} is not a feature of {name!r} '
                         f'(features: {", ".join(shakespeare.FEATURES)})')
       return
   else:
@@ -115,7 +117,7 @@ def check(name: str, root: Optional[str], splits: dict, text_key: str) -> None:
     raise UserError(f'damaged data: the metadata in {folder} cannot be read '
                     f'({type(e).__name__}); {rebuild(folder)}') from None
   if text_key not in features:
-    raise UserError(f'data config: text_key={text_key!r} is not a feature of {name!r} '
+    raise UserError(f'data config: {text_field}={text_key!r} is not a feature of {name!r} '
                     f'(features: {", ".join(features)})')
   for field, split in splits.items():
     try:
