@@ -23,13 +23,17 @@ Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
   attn            kd plus attention-map transfer: `config.attention` pairs (default as feat's),
                   KL(teacher || student) over each query's keys, weight `config.attention_weight`
   t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
+  seq             sequence-level KD (Kim and Rush): the student's training rows mix the
+                  teacher's sampled continuations of training prompts (`config.seqkd`,
+                  `experiments/seqkd.py`, in <workdir>/generations/seed<seed>/) with the
+                  original data; with ce or kd
   top<k>          kd against the teacher's k most likely tokens only (`config.kd.top_k`'s
                   place)
   offline         kd from the teacher's top k computed once over the student's training
                   batches (`experiments/teacher_logits.py`, in <workdir>/teacher_logits/):
                   the teacher is not in memory while the student trains
 e.g. scratch:ce  scratch:kd  scratch:kd:feat  every2:kd  ffn50:kd  ffn50:ce  L2:scratch:jsd:t2
-     scratch:kd:top16:offline
+     scratch:kd:top16:offline  scratch:ce:seq  scratch:kd:attn
 """
 
 import dataclasses
@@ -40,12 +44,13 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 
 from compression import distill as distill_lib
 from compression import structural
-from experiments import finetune, source, steps, teacher_logits, validate
+from experiments import finetune, seqkd, source, steps, teacher_logits, validate
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -57,13 +62,13 @@ def parse_variant(spec: str) -> dict:
     raise UserError(f'variant {spec!r} is empty')
   v = dict(spec=spec.strip(), layers=None, ffn=None, init=None, every=None, loss='kd',
            divergence=None, temperature=None, alpha=None, features=False, attention=False,
-           top_k=None, offline=False)
+           top_k=None, offline=False, seq=False)
   for token in parts:
     number = re.fullmatch(r'(L|ffn|every|top|t|a)([0-9.]+)', token)
     if token in ('scratch', 'ce', 'kd'):
       v.update(init='scratch') if token == 'scratch' else v.update(loss=token)
-    elif token in ('feat', 'attn', 'offline'):
-      v[dict(feat='features', attn='attention', offline='offline')[token]] = True
+    elif token in ('feat', 'attn', 'offline', 'seq'):
+      v[dict(feat='features', attn='attention').get(token, token)] = True
     elif token in ('rkl', 'jsd'):
       v['divergence'] = 'reverse_kl' if token == 'rkl' else 'jsd'
     elif number:
@@ -86,8 +91,8 @@ def parse_variant(spec: str) -> dict:
         v['temperature' if key == 't' else 'alpha'] = value
     else:
       raise UserError(f'variant {spec!r}: unknown option {token!r}; options: L<n>, ffn<p>, '
-                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, attn, t<T>, a<alpha>, '
-                      f'top<k>, offline')
+                      f'scratch, every<k>, ce, kd, rkl, jsd, feat, attn, seq, t<T>, '
+                      f'a<alpha>, top<k>, offline')
   if v['ffn'] is not None and (v['layers'] is not None or v['init'] == 'every'):
     raise UserError(f'variant {spec!r}: ffn<p> keeps the teacher\'s depth; drop L<n>/every<k>')
   if v['ffn'] is not None and not 0 < v['ffn'] < 100:
@@ -239,6 +244,8 @@ def check(config, workdir):
     w = config.get(field, 0.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
       raise UserError(f'config.{field}={w!r} must be a number >= 0')
+  if any(v['seq'] for v in variants):
+    _check_seqkd(config.seqkd)
   for v in variants:
     if v['loss'] == 'kd':
       kd_spec(config, v, student_config(v, cfg), cfg)
@@ -281,7 +288,8 @@ def _run(config, workdir, src, variants) -> list:
     origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
                   source_step=step, variant=v['spec'],
                   kd=None if spec is None else _jsonable(spec),
-                  **({'offline': True} if v['offline'] else {}))
+                  **({'offline': True} if v['offline'] else {}),
+                  **({'seqkd': config.seqkd.to_dict()} if v['seq'] else {}))
     sub = finetune.derived_config(src, cfg, num_steps=config.num_steps,
                                   learning_rate=config.learning_rate, seed=config.seed + 1,
                                   origin=origin, warmup_steps=config.warmup_steps)
@@ -289,6 +297,11 @@ def _run(config, workdir, src, variants) -> list:
         lambda m, spec=spec: distill_lib.loss(steps.lm_loss(m, sub.optimizer.z_loss), teacher,
                                               spec))
     extras = None
+    if v['seq']:   # the teacher's generations, written once per seed, mixed into the rows
+      sub.data.mix = ml_collections.ConfigDict(dict(
+          name='seqkd', data_dir=generations(config, workdir, teacher, teacher_params, tokenizer,
+                                             src, origin, step),
+          split='train', weight=config.seqkd.weight, text_key='text'))
     if v['offline']:   # the teacher's top k over exactly the batches this student will see
       folder = teacher_logits.write(
           sub, teacher, teacher_params, tokenizer,
@@ -309,6 +322,35 @@ def _run(config, workdir, src, variants) -> list:
     rows.append(row)
   source.write_results(workdir, config, rows, _table(rows))
   return rows
+
+
+def generations(config, workdir, teacher, teacher_params, tokenizer, src, origin, step) -> str:
+  """The data_dir of the teacher's continuations for `seq` students (written if missing,
+  resumed if partial): `config.seqkd`'s prompts and sampling, seeded by `config.seed`."""
+  g = config.seqkd
+  info = seqkd.generate_dataset(
+      teacher, teacher_params, tokenizer, src.data, workdir / 'generations' / f'seed{config.seed}',
+      name='seqkd', num_prompts=g.num_prompts, prompt_tokens=g.prompt_tokens,
+      new_tokens=g.new_tokens, temperature=g.temperature, top_k=g.top_k or None,
+      seed=config.seed, batch_size=g.batch_size,
+      teacher=dict(workdir=origin['source_workdir'], step=step))
+  logging.info('seqkd: %s examples, %s generated tokens (%s)', info['num_examples'],
+               info['generated_tokens'], 'reused' if info['reused'] else 'written')
+  return info['data_dir']
+
+
+def _check_seqkd(g) -> None:
+  for field in ('num_prompts', 'prompt_tokens', 'new_tokens', 'batch_size'):
+    value = g[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f'config.seqkd.{field}={value!r} must be an integer >= 1')
+  for field, ok, allowed in (
+      ('temperature', lambda x: x >= 0, '>= 0 (0: greedy)'),
+      ('top_k', lambda x: x >= 0 and float(x).is_integer(), 'an integer >= 0 (0: off)'),
+      ('weight', lambda x: 0 < x <= 1, 'in (0, 1] (the share of rows from the generations)')):
+    value = g[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+      raise UserError(f'config.seqkd.{field}={value!r} must be {allowed}')
 
 
 def _count(tree) -> int:

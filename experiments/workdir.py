@@ -84,6 +84,10 @@ def signature(config, tokenizer_sha256=None) -> dict:
       data=dict(name=d.name, train_split=d.train_split, text_key=d.text_key, seq_len=d.seq_len,
                 shuffle_window=d.shuffle_window, batch_size=config.batch_size, seed=config.seed),
       state=dict(optimizer='adamw', gradual_pruning=bool(config.pruning.final_sparsity > 0)))
+  mix = d.get('mix')
+  if mix is not None and mix.get('name'):   # rows from a second dataset (data.mix)
+    out['data']['mix'] = dict(name=mix.name, split=mix.split, text_key=mix.text_key,
+                              weight=mix.weight)
   if config.get('origin'):   # a run started from another model's parameters (finetune.py)
     out['origin'] = config.origin.to_dict()
   if config.get('qat') and config.qat.bits:   # what the weights were trained to be rounded to

@@ -193,3 +193,25 @@ def test_attention_transfer_trains_the_student_towards_the_teachers_maps(source,
   logged = [r for r in records(tmp_path / 'students' / 'scratch-attn') if 'train_loss' in r]
   assert len(logged) == 2 and all(r['attention_loss'] > 0 for r in logged)
   assert not any('feature_loss' in r for r in logged)
+
+
+def test_sequence_kd_students_train_on_the_teachers_generations(source, tmp_path):
+  config = config_for(source, 'scratch:ce:seq,scratch:kd:seq')
+  config.seqkd.update(num_prompts=6, prompt_tokens=8, new_tokens=12, batch_size=4, weight=0.5)
+  before = tree_digest(source)
+  rows = distill.run(config, tmp_path)
+  assert tree_digest(source) == before
+  assert [r['variant'] for r in rows[1:]] == ['scratch:ce:seq', 'scratch:kd:seq']
+  data_dir = tmp_path / 'generations' / 'seed0'
+  record = json.loads((data_dir / 'seqkd' / '1.0.0' / 'seqkd.json').read_text())
+  assert record['settings']['prompts']['num_prompts'] == 6
+  for name in ('scratch-ce-seq', 'scratch-kd-seq'):   # one dataset, mixed into both students
+    saved = json.loads((tmp_path / 'students' / name / 'config.json').read_text())
+    assert saved['data']['mix'] == dict(name='seqkd', data_dir=str(data_dir), split='train',
+                                        weight=0.5, text_key='text')
+    signature = json.loads((tmp_path / 'students' / name / 'signature.json').read_text())
+    assert signature['data']['mix']['weight'] == 0.5
+  assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  config.seqkd.weight = 1.5
+  with pytest.raises(UserError, match=r'config\.seqkd\.weight=1\.5 must be in \(0, 1\]'):
+    distill.check(config, tmp_path / 'other')

@@ -43,6 +43,18 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   # each pair's KL(teacher || student) over every query's keys, averaged over heads, weighted so.
   config.attention = ''
   config.attention_weight = 1.0
+  # Sequence-level KD of `seq` variants: the teacher continues `num_prompts` windows of
+  # `prompt_tokens` training tokens by up to `new_tokens` sampled tokens (temperature, top_k
+  # 0 = all), `batch_size` prompts per generate call; the students' rows then come from these
+  # generations with probability `weight`, else from the original data.
+  config.seqkd = ml_collections.ConfigDict()
+  config.seqkd.num_prompts = 2048
+  config.seqkd.prompt_tokens = 32
+  config.seqkd.new_tokens = 224
+  config.seqkd.temperature = 1.0
+  config.seqkd.top_k = 0
+  config.seqkd.batch_size = 64
+  config.seqkd.weight = 0.5
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8
