@@ -44,13 +44,14 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
 from compression import distill as distill_lib
-from compression import structural
-from experiments import finetune, seqkd, source, steps, teacher_logits, validate
+from compression import paths, qtensor, structural
+from experiments import finetune, saved, seqkd, source, steps, teacher_logits, validate
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -111,6 +112,7 @@ def parse_variant(spec: str) -> dict:
 
 
 RECOVER = ('finetune', 'distill')
+TEACHER_DTYPES = ('', 'float32', 'bfloat16', 'float16')
 
 
 def check_recovery(config) -> None:
@@ -246,6 +248,11 @@ def check(config, workdir):
       raise UserError(f'config.{field}={w!r} must be a number >= 0')
   if any(v['seq'] for v in variants):
     _check_seqkd(config.seqkd)
+  if config.teacher_dtype not in TEACHER_DTYPES:
+    raise UserError(f'config.teacher_dtype={config.teacher_dtype!r} is not one of '
+                    f'{", ".join(repr(d) for d in TEACHER_DTYPES)} (\'\': as trained)')
+  if config.teacher_quantized:
+    saved.read(config.teacher_quantized)   # one line if nothing was saved there
   for v in variants:
     if v['loss'] == 'kd':
       kd_spec(config, v, student_config(v, cfg), cfg)
@@ -273,22 +280,59 @@ def run(config, workdir) -> list:
   return source.run(config, workdir, check, _run)
 
 
+def teacher_form(config, teacher, params):
+  """(model, parameters) of the teacher as the students learn from it: as trained, or the
+  quantized variant `config.teacher_quantized` that `--mode=quantize` saved from this run
+  (integers and scales through the seam), with `config.teacher_dtype` its float weights and
+  computation in that dtype (e.g. bfloat16: half the teacher's memory)."""
+  if config.get('teacher_quantized'):
+    path = epath.Path(config.teacher_quantized)
+    info = saved.read(path)['info']
+    here = os.path.abspath(str(config.source_workdir))
+    if info.get('source_workdir') != here or info.get('hf_path'):
+      raise UserError(f'config.teacher_quantized={str(path)!r} was quantized from '
+                      f'{info.get("hf_path") or info.get("source_workdir")}, not the teacher '
+                      f'run {here}')
+    quantized = jax.device_get(saved.load(path))
+    have, want = paths.flatten(quantized), paths.flatten(params)
+    for key in sorted(set(have) | set(want)):
+      shapes = [tuple(t[key].shape) if key in t else None for t in (have, want)]
+      if shapes[0] != shapes[1]:
+        raise UserError(f'config.teacher_quantized={str(path)!r} does not fit the teacher '
+                        f'run\'s model ({key}: {shapes[0]} saved, {shapes[1]} in the model)')
+    params = quantized
+  dtype = config.get('teacher_dtype') or ''
+  if dtype:
+    cast = lambda x: (x.astype(dtype) if isinstance(x, (np.ndarray, jax.Array))
+                      and jnp.issubdtype(x.dtype, jnp.floating) else x)
+    params = jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, qtensor.QTensor))
+    teacher = Transformer(teacher.config.replace(dtype=dtype))
+  return teacher, params
+
+
 def _run(config, workdir, src, variants) -> list:
-  step, teacher, tokenizer, teacher_params = source.load(config, src)
+  step, float_teacher, tokenizer, float_params = source.load(config, src)
+  teacher, teacher_params = teacher_form(config, float_teacher, float_params)
   rows = [dict(variant='teacher', nats_per_byte=source.evaluate(src, teacher, teacher_params,
                                                                   tokenizer),
-               params=_count(teacher_params), layers=teacher.config.n_layers,
-               d_ff=teacher.config.d_ff)]
+               params=_count(float_params), layers=teacher.config.n_layers,
+               d_ff=teacher.config.d_ff, dtype=config.teacher_dtype or None,
+               quantized=config.teacher_quantized or None)]
   logging.info('teacher: %s', rows[0])
   frozen = {distill_lib.TEACHER: (teacher_params, layouts.logical_names(teacher))}
   for v in variants:
-    cfg = student_config(v, teacher.config)
-    start = student_params(v, teacher.config, teacher_params)
+    cfg = student_config(v, float_teacher.config)
+    start = student_params(v, float_teacher.config, float_params)   # from the trained weights
     spec = kd_spec(config, v, cfg, teacher.config) if v['loss'] == 'kd' else None
     origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
                   source_step=step, variant=v['spec'],
                   kd=None if spec is None else _jsonable(spec),
                   **({'offline': True} if v['offline'] else {}),
+                  **({'teacher': dict(dtype=config.teacher_dtype,
+                                      quantized=os.path.abspath(config.teacher_quantized)
+                                      if config.teacher_quantized else '')}
+                     if spec is not None and (config.teacher_dtype or config.teacher_quantized)
+                     else {}),
                   **({'seqkd': config.seqkd.to_dict()} if v['seq'] else {}))
     sub = finetune.derived_config(src, cfg, num_steps=config.num_steps,
                                   learning_rate=config.learning_rate, seed=config.seed + 1,

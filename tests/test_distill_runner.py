@@ -215,3 +215,37 @@ def test_sequence_kd_students_train_on_the_teachers_generations(source, tmp_path
   config.seqkd.weight = 1.5
   with pytest.raises(UserError, match=r'config\.seqkd\.weight=1\.5 must be in \(0, 1\]'):
     distill.check(config, tmp_path / 'other')
+
+
+def test_a_quantized_or_half_precision_teacher_is_what_the_students_learn_from(source, tmp_path):
+  from compression import qtensor
+  from experiments import quantize
+  from experiments.configs import quantize as quantize_configs
+  qconfig = quantize_configs.get_config('rtn_int8')
+  qconfig.update(source_workdir=str(source), variants='rtn:int8', calibration_batches=1,
+                 calibration_rows=4)
+  qrows = quantize.run(qconfig, tmp_path / 'quantize')
+  path = tmp_path / 'quantize' / 'params' / 'rtn-int8'
+  config = config_for(source, 'scratch:kd,every2:kd', teacher_quantized=str(path))
+  float_teacher = distill.source.load(config, distill.source.source_config(source))
+  model, params = distill.teacher_form(config, float_teacher[1], float_teacher[3])
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, qtensor.QTensor))
+  assert any(isinstance(x, qtensor.QTensor) for x in leaves)   # integers and scales
+  rows = distill.run(config, tmp_path / 'q')
+  # The teacher row is the saved int8 variant's own evaluation; students train from it.
+  assert rows[0]['nats_per_byte'] == pytest.approx(qrows[1]['nats_per_byte'], rel=1e-6)
+  assert rows[0]['quantized'] == str(path)
+  ran = json.loads((tmp_path / 'q' / 'students' / 'scratch-kd' / 'config.json').read_text())
+  assert ran['origin']['teacher'] == dict(dtype='', quantized=str(path))
+  assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  config = config_for(source, 'scratch:kd', teacher_dtype='bfloat16')
+  model, params = distill.teacher_form(config, float_teacher[1], float_teacher[3])
+  assert model.config.dtype == 'bfloat16'
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jax.numpy.bfloat16)}
+  rows = distill.run(config, tmp_path / 'bf16')
+  assert rows[0]['dtype'] == 'bfloat16' and np.isfinite(rows[1]['nats_per_byte'])
+  for changes, match in (
+      (dict(teacher_dtype='int8'), r"config\.teacher_dtype='int8' is not one of"),
+      (dict(teacher_quantized=str(tmp_path / 'none')), r'nothing was saved at')):
+    with pytest.raises(UserError, match=match):
+      distill.check(config_for(source, 'scratch:kd', **changes), tmp_path / 'bad')

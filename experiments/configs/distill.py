@@ -25,6 +25,12 @@ NAMED = {
 def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source_workdir = 'runs/teacher'   # the teacher: a training run (config.json, checkpoints)
+  # The teacher as the students see it: '' as trained, or a variant `--mode=quantize` saved from
+  # that run (its <workdir>/params/<variant> folder); its float weights and computation in
+  # `teacher_dtype` ('' as trained, 'bfloat16', 'float16', 'float32'). Students that start from
+  # the teacher's weights (every<k>, ffn<p>) always take the trained ones.
+  config.teacher_quantized = ''
+  config.teacher_dtype = ''
   if arg not in NAMED:
     raise ValueError(f'unknown variant {arg!r} of distill.py; known: {", ".join(NAMED)}')
   config.variants = NAMED[arg]
