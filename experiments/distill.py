@@ -25,8 +25,8 @@ Variant specs (comma-separated in `config.variants`), ':'-separated tokens:
   t<T>  a<alpha>  kd's temperature and weight instead of `config.kd`'s
   seq             sequence-level KD (Kim and Rush): the student's training rows mix the
                   teacher's sampled continuations of training prompts (`config.seqkd`,
-                  `experiments/seqkd.py`, in <workdir>/generations/seed<seed>/) with the
-                  original data; with ce or kd
+                  `experiments/seqkd.py`, in `config.seqkd.data_dir`, by default
+                  <workdir>/generations/seed<seqkd.seed>/) with the original data; ce or kd
   top<k>          kd against the teacher's k most likely tokens only (`config.kd.top_k`'s
                   place)
   offline         kd from the teacher's top k computed once over the student's training
@@ -370,13 +370,14 @@ def _run(config, workdir, src, variants) -> list:
 
 def generations(config, workdir, teacher, teacher_params, tokenizer, src, origin, step) -> str:
   """The data_dir of the teacher's continuations for `seq` students (written if missing,
-  resumed if partial): `config.seqkd`'s prompts and sampling, seeded by `config.seed`."""
+  resumed if partial, reused if complete): `config.seqkd`'s prompts and sampling, in
+  `config.seqkd.data_dir` ('': <workdir>/generations/seed<seqkd.seed>)."""
   g = config.seqkd
+  folder = g.get('data_dir') or workdir / 'generations' / f'seed{g.seed}'
   info = seqkd.generate_dataset(
-      teacher, teacher_params, tokenizer, src.data, workdir / 'generations' / f'seed{config.seed}',
-      name='seqkd', num_prompts=g.num_prompts, prompt_tokens=g.prompt_tokens,
-      new_tokens=g.new_tokens, temperature=g.temperature, top_k=g.top_k or None,
-      seed=config.seed, batch_size=g.batch_size,
+      teacher, teacher_params, tokenizer, src.data, folder, name='seqkd',
+      num_prompts=g.num_prompts, prompt_tokens=g.prompt_tokens, new_tokens=g.new_tokens,
+      temperature=g.temperature, top_k=g.top_k or None, seed=g.seed, batch_size=g.batch_size,
       teacher=dict(workdir=origin['source_workdir'], step=step))
   logging.info('seqkd: %s examples, %s generated tokens (%s)', info['num_examples'],
                info['generated_tokens'], 'reused' if info['reused'] else 'written')
@@ -384,10 +385,11 @@ def generations(config, workdir, teacher, teacher_params, tokenizer, src, origin
 
 
 def _check_seqkd(g) -> None:
-  for field in ('num_prompts', 'prompt_tokens', 'new_tokens', 'batch_size'):
+  for field, least in (('num_prompts', 1), ('prompt_tokens', 1), ('new_tokens', 1),
+                       ('batch_size', 1), ('seed', 0)):
     value = g[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise UserError(f'config.seqkd.{field}={value!r} must be an integer >= 1')
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise UserError(f'config.seqkd.{field}={value!r} must be an integer >= {least}')
   for field, ok, allowed in (
       ('temperature', lambda x: x >= 0, '>= 0 (0: greedy)'),
       ('top_k', lambda x: x >= 0 and float(x).is_integer(), 'an integer >= 0 (0: off)'),

@@ -212,6 +212,15 @@ def test_sequence_kd_students_train_on_the_teachers_generations(source, tmp_path
     signature = json.loads((tmp_path / 'students' / name / 'signature.json').read_text())
     assert signature['data']['mix']['weight'] == 0.5
   assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  # Another student seed shares the generations: reused, not written again.
+  before = tree_digest(data_dir)
+  config.update(seed=1, variants='scratch:ce:seq')
+  config.seqkd.data_dir = str(data_dir)
+  distill.run(config, tmp_path / 'seed1')
+  assert tree_digest(data_dir) == before and not (tmp_path / 'seed1' / 'generations').exists()
+  saved = json.loads((tmp_path / 'seed1' / 'students' / 'scratch-ce-seq' / 'config.json')
+                     .read_text())
+  assert saved['data']['mix']['data_dir'] == str(data_dir) and saved['seed'] == 2
   config.seqkd.weight = 1.5
   with pytest.raises(UserError, match=r'config\.seqkd\.weight=1\.5 must be in \(0, 1\]'):
     distill.check(config, tmp_path / 'other')

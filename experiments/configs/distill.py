@@ -52,7 +52,9 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   # Sequence-level KD of `seq` variants: the teacher continues `num_prompts` windows of
   # `prompt_tokens` training tokens by up to `new_tokens` sampled tokens (temperature, top_k
   # 0 = all), `batch_size` prompts per generate call; the students' rows then come from these
-  # generations with probability `weight`, else from the original data.
+  # generations with probability `weight`, else from the original data. The generations are
+  # seeded by `seed` (prompts and sampling), not by the students' seed, and live in `data_dir`
+  # ('': <workdir>/generations/seed<seed>; another run's folder shares them).
   config.seqkd = ml_collections.ConfigDict()
   config.seqkd.num_prompts = 2048
   config.seqkd.prompt_tokens = 32
@@ -61,6 +63,8 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config.seqkd.top_k = 0
   config.seqkd.batch_size = 64
   config.seqkd.weight = 0.5
+  config.seqkd.seed = 0
+  config.seqkd.data_dir = ''
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8
