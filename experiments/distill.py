@@ -1,7 +1,8 @@
 """Distillation experiments on a trained teacher: `run(config, workdir)` (main.py --mode=distill).
 
 Loads the teacher run (`config.source_workdir`: its config.json and latest checkpoint,
-read-only), evaluates it, then for each variant in `config.variants` makes a student, trains it
+read-only; or, with `config.hf_path`, a Hugging Face checkpoint scoring that run's tokenizer's
+ids, the run giving data and tokenizer), evaluates it, then for each variant in `config.variants` makes a student, trains it
 `config.num_steps` steps on the teacher run's data and tokenizer through the one training loop
 (`experiments/finetune.py`, in <workdir>/students/<variant>/: resumed, or skipped when
 complete, when the command runs again), with cross-entropy or the KD loss of
@@ -51,7 +52,8 @@ from etils import epath
 
 from compression import distill as distill_lib
 from compression import paths, qtensor, structural
-from experiments import finetune, saved, seqkd, source, steps, teacher_logits, validate
+from experiments import data, finetune, saved, seqkd, source, steps, teacher_logits, validate
+from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from models import Transformer, layouts
 
@@ -233,10 +235,9 @@ def check(config, workdir):
   variants = [parse_variant(s) for s in str(config.variants).split(',') if s.strip()]
   if not variants:
     raise UserError('config.variants is empty: name at least one, e.g. scratch:kd')
-  if config.get('hf_path'):
-    raise UserError('config.hf_path: distillation reads its teacher from a training run '
-                    '(config.source_workdir), whose data and tokenizer the students share')
   src, cfg, _ = source.check(config, workdir, 'distill')
+  if config.get('hf_path'):
+    _check_hf_tokenizer(config, src, cfg)
   source.positive_int(config, 'num_steps')
   source.positive_int(config, 'warmup_steps', 0)
   lr = config.learning_rate
@@ -268,6 +269,23 @@ def check(config, workdir):
   return src, variants
 
 
+def _check_hf_tokenizer(config, src, cfg) -> None:
+  """A Hugging Face teacher must score the ids of the run's tokenizer, which the students
+  share: its tokenizer.model (if it has one) is the run's, and its vocabulary holds every id."""
+  theirs = epath.Path(config.hf_path) / workdir_lib.TOKENIZER
+  ours = epath.Path(config.source_workdir) / workdir_lib.TOKENIZER
+  if theirs.exists() and (not ours.exists() or theirs.read_bytes() != ours.read_bytes()):
+    raise UserError(f'config.hf_path={config.hf_path!r}: its {workdir_lib.TOKENIZER} is not the '
+                    f'tokenizer of {config.source_workdir} ({src.data.tokenizer}); teacher and '
+                    f'students need one tokenizer')
+  ids = (data.ByteTokenizer().vocab_size if src.data.tokenizer == 'byte'
+         else src.data.vocab_size)
+  if cfg.vocab_size < ids:
+    raise UserError(f'config.hf_path={config.hf_path!r}: vocab_size={cfg.vocab_size} is smaller '
+                    f'than the {ids} ids of the run\'s tokenizer; teacher and students need one '
+                    f'tokenizer')
+
+
 def _check_every(cfg, v):
   k = v['every']
   if not 1 <= k <= cfg.n_layers:
@@ -289,10 +307,11 @@ def teacher_form(config, teacher, params):
     path = epath.Path(config.teacher_quantized)
     info = saved.read(path)['info']
     here = os.path.abspath(str(config.source_workdir))
-    if info.get('source_workdir') != here or info.get('hf_path'):
+    hf_path = config.get('hf_path') or ''
+    if info.get('source_workdir') != here or (info.get('hf_path') or '') != hf_path:
       raise UserError(f'config.teacher_quantized={str(path)!r} was quantized from '
                       f'{info.get("hf_path") or info.get("source_workdir")}, not the teacher '
-                      f'run {here}')
+                      f'{hf_path or here}')
     quantized = jax.device_get(saved.load(path))
     have, want = paths.flatten(quantized), paths.flatten(params)
     for key in sorted(set(have) | set(want)):
@@ -326,6 +345,7 @@ def _run(config, workdir, src, variants) -> list:
     spec = kd_spec(config, v, cfg, teacher.config) if v['loss'] == 'kd' else None
     origin = dict(runner='distill', source_workdir=os.path.abspath(str(config.source_workdir)),
                   source_step=step, variant=v['spec'],
+                  **({'hf_path': config.hf_path} if config.get('hf_path') else {}),
                   kd=None if spec is None else _jsonable(spec),
                   **({'offline': True} if v['offline'] else {}),
                   **({'teacher': dict(dtype=config.teacher_dtype,

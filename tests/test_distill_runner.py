@@ -258,3 +258,23 @@ def test_a_quantized_or_half_precision_teacher_is_what_the_students_learn_from(s
       (dict(teacher_quantized=str(tmp_path / 'none')), r'nothing was saved at')):
     with pytest.raises(UserError, match=match):
       distill.check(config_for(source, 'scratch:kd', **changes), tmp_path / 'bad')
+
+
+def test_a_hugging_face_checkpoint_teaches_on_the_runs_data_and_tokenizer(source, tmp_path):
+  from experiments import runtime
+  from models import hf
+  _, model, _, params, _ = runtime.load_params(distill.source.source_config(source), source)
+  hf.save_pretrained(model, params, tmp_path / 'hf')
+  from_run = distill.run(config_for(source, 'scratch:ce'), tmp_path / 'run')
+  rows = distill.run(config_for(source, 'scratch:kd,every2:kd', hf_path=str(tmp_path / 'hf')),
+                     tmp_path / 'from_hf')
+  assert rows[0]['nats_per_byte'] == pytest.approx(from_run[0]['nats_per_byte'], rel=1e-5)
+  ran = json.loads((tmp_path / 'from_hf' / 'students' / 'every2-kd' / 'config.json').read_text())
+  assert ran['origin']['hf_path'] == str(tmp_path / 'hf')
+  assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  (tmp_path / 'hf' / 'tokenizer.model').write_bytes(b'another tokenizer')
+  with pytest.raises(UserError, match=r'is not the tokenizer of .* teacher and students need '
+                                      r'one tokenizer') as e:
+    distill.check(config_for(source, 'scratch:kd', hf_path=str(tmp_path / 'hf')),
+                  tmp_path / 'bad')
+  assert '\n' not in str(e.value) and not (tmp_path / 'bad').exists()

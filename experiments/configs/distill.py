@@ -25,6 +25,9 @@ NAMED = {
 def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source_workdir = 'runs/teacher'   # the teacher: a training run (config.json, checkpoints)
+  # Or a Hugging Face checkpoint as the teacher, on the source run's data and tokenizer (its
+  # vocabulary must hold the tokenizer's ids; a tokenizer.model beside it must be the run's).
+  config.hf_path = ''
   # The teacher as the students see it: '' as trained, or a variant `--mode=quantize` saved from
   # that run (its <workdir>/params/<variant> folder); its float weights and computation in
   # `teacher_dtype` ('' as trained, 'bfloat16', 'float16', 'float32'). Students that start from
