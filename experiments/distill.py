@@ -363,7 +363,7 @@ def _run(config, workdir, src, variants) -> list:
     extras = None
     if v['seq']:   # the teacher's generations, written once per seed, mixed into the rows
       sub.data.mix = ml_collections.ConfigDict(dict(
-          name='seqkd', data_dir=generations(config, workdir, teacher, teacher_params, tokenizer,
+          name=seqkd.NAME, data_dir=generations(config, workdir, teacher, teacher_params, tokenizer,
                                              src, origin, step),
           split='train', weight=config.seqkd.weight, text_key='text'))
     if v['offline']:   # the teacher's top k over exactly the batches this student will see
@@ -395,7 +395,7 @@ def generations(config, workdir, teacher, teacher_params, tokenizer, src, origin
   g = config.seqkd
   folder = g.get('data_dir') or workdir / 'generations' / f'seed{g.seed}'
   info = seqkd.generate_dataset(
-      teacher, teacher_params, tokenizer, src.data, folder, name='seqkd',
+      teacher, teacher_params, tokenizer, src.data, folder, name=seqkd.NAME,
       num_prompts=g.num_prompts, prompt_tokens=g.prompt_tokens, new_tokens=g.new_tokens,
       temperature=g.temperature, top_k=g.top_k or None, seed=g.seed, batch_size=g.batch_size,
       teacher=dict(workdir=origin['source_workdir'], step=step))

@@ -49,7 +49,8 @@ from experiments.errors import UserError
 from models import decode
 
 VERSION = '1.0.0'
-RECORD = 'seqkd.json'      # in the dataset folder: {'settings': ..., 'counts': ...}
+NAME = sources.GENERATED_NAME       # the dataset's default name
+RECORD = sources.GENERATED_RECORD   # in the dataset folder: {'settings': ..., 'counts': ...}
 STAGE_SETTINGS = 'settings.json'
 
 
@@ -105,8 +106,8 @@ def params_digest(params) -> str:
   return h.hexdigest()
 
 
-def generate_dataset(model, params, tokenizer, data_config, out_dir, *, name: str = 'seqkd',
-                     num_prompts: int, prompt_tokens: int, new_tokens: int,
+def generate_dataset(model, params, tokenizer, data_config, out_dir, *,
+                     name: str = NAME, num_prompts: int, prompt_tokens: int, new_tokens: int,
                      temperature: float = 0.0, top_k: Optional[int] = None,
                      top_p: Optional[float] = None, seed: int = 0, batch_size: int = 64,
                      teacher: Optional[dict] = None,

@@ -164,3 +164,17 @@ def test_student_trains_on_the_generations_by_name(teacher, cfg, tmp_path):
       for s in set(seg[seg > 0].tolist()):
         piece = bytes(t - tok.offset for t in inputs[seg == s] if t >= tok.offset)
         assert any(piece in t for t in texts)
+
+
+def test_damaged_or_missing_generations_name_the_command_that_writes_them(teacher, cfg, tmp_path):
+  out = tmp_path / 'gen'
+  generate(teacher, cfg, out)
+  sources.check('seqkd', str(out), {'split': 'train'}, 'text')   # whole: no error
+  with pytest.raises(UserError, match='is not prepared') as e:
+    sources.check('seqkd', str(tmp_path / 'empty'), {'split': 'train'}, 'text')
+  assert '--mode=distill' in str(e.value) and 'tfds build' not in str(e.value)
+  os.remove(out / 'seqkd' / '1.0.0' / 'dataset_info.json')
+  with pytest.raises(UserError, match='damaged data') as e:
+    sources.check('seqkd', str(out), {'split': 'train'}, 'text')
+  assert '--mode=distill' in str(e.value) and 'tfds build' not in str(e.value)
+  assert '\n' not in str(e.value)

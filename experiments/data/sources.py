@@ -13,6 +13,10 @@ from experiments.errors import UserError
 from experiments.data import shakespeare
 
 EMBEDDED = 'shakespeare'  # config name of the embedded corpus
+# A teacher's generations (experiments/seqkd.py): their default name, and the record file in
+# their dataset folder that tells them apart from datasets `tfds build` makes.
+GENERATED_NAME = 'seqkd'
+GENERATED_RECORD = 'seqkd.json'
 
 
 def builder_name(name: str) -> str:
@@ -89,6 +93,9 @@ def check(name: str, root: Optional[str], splits: dict, text_key: str,
   def rebuild(target: str) -> str:
     if name == EMBEDDED:
       return f'delete {target} and run again (the embedded corpus is rebuilt in seconds)'
+    if os.path.exists(os.path.join(target, GENERATED_RECORD)):
+      return (f'delete {target} and run the command that generated it again (a teacher\'s '
+              f'generations: --mode=distill with a `seq` student rewrites them)')
     return (f'delete {target} and run `tfds build {name} --file_format=array_record '
             f'--data_dir={root}` on a machine with network access')
   if name == EMBEDDED:
@@ -104,9 +111,11 @@ def check(name: str, root: Optional[str], splits: dict, text_key: str,
   else:
     folder = _prepared_dir(name, root) or _unprepared_dir(name, root)
     if folder is None:
-      raise UserError(f'data config: dataset {name!r} is not prepared under {root}; on a machine '
-                      f'with network access run `tfds build {name} --file_format=array_record '
-                      f'--data_dir={root}`')
+      raise UserError(f'data config: dataset {name!r} is not prepared under {root}; '
+                      + (f'a teacher\'s generations are written there by --mode=distill with a '
+                         f'`seq` student (or config.seqkd.data_dir)' if name == GENERATED_NAME
+                         else f'on a machine with network access run `tfds build {name} '
+                              f'--file_format=array_record --data_dir={root}`'))
   info_file = os.path.join(folder, 'dataset_info.json')
   if not os.path.exists(info_file):
     raise UserError(f'damaged data: {info_file} is missing; {rebuild(folder)}')
