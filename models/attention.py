@@ -65,27 +65,45 @@ def select_impl(cfg: ModelConfig) -> str:
 
 
 def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-           mask_Bx1xLxS: jax.Array) -> jax.Array:
+           mask_Bx1xLxS: jax.Array, extra: Optional[tuple] = None) -> jax.Array:
   """softmax(q k^T / sqrt(H), masked) v with the softmax in float32: the XLA formulation.
 
   Grouped-query heads (G = N / K query heads per key/value head) become a group axis; plain
   multi-head attention keeps 4-D tensors, since a unit group axis makes every elementwise op of
   the softmax and its gradient a reshaped (and on CPU several times slower) loop.
+
+  `extra` = (k, v) [B, S2, K, H] adds keys after the first S (the mask then covers S + S2): one
+  softmax over both, with each set's scores and values contracted on its own, so a cache is
+  read where it lies instead of being copied into one array with the chunk's keys.
   """
   b, length, n, h = q_BxLxNxH.shape
   k = k_BxSxKxH.shape[2]
+  pairs = [(k_BxSxKxH, v_BxSxKxH)] + ([tuple(extra)] if extra is not None else [])
   if n == k:
-    s_BxNxLxS = jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxKxH,
-                           preferred_element_type=jnp.float32)
-    p_BxNxLxS = _masked_softmax(s_BxNxLxS, mask_Bx1xLxS, h).astype(v_BxSxKxH.dtype)
-    return jnp.einsum('bnls,bsnh->blnh', p_BxNxLxS, v_BxSxKxH)
+    scores = [jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, kk, preferred_element_type=jnp.float32)
+              for kk, _ in pairs]
+    p_BxNxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS, h).astype(v_BxSxKxH.dtype)
+    return sum(jnp.einsum('bnls,bsnh->blnh', p, vv)
+               for p, (_, vv) in zip(_split(p_BxNxLxS, pairs), pairs))
   q_BxLxKxGxH = q_BxLxNxH.reshape(b, length, k, n // k, h)
-  s_BxKxGxLxS = jnp.einsum('blkgh,bskh->bkgls', q_BxLxKxGxH, k_BxSxKxH,
-                           preferred_element_type=jnp.float32)
-  p_BxKxGxLxS = _masked_softmax(s_BxKxGxLxS, mask_Bx1xLxS[:, :, None], h).astype(
+  scores = [jnp.einsum('blkgh,bskh->bkgls', q_BxLxKxGxH, kk, preferred_element_type=jnp.float32)
+            for kk, _ in pairs]
+  p_BxKxGxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS[:, :, None], h).astype(
       v_BxSxKxH.dtype)
-  out_BxLxKxGxH = jnp.einsum('bkgls,bskh->blkgh', p_BxKxGxLxS, v_BxSxKxH)
+  out_BxLxKxGxH = sum(jnp.einsum('bkgls,bskh->blkgh', p, vv)
+                      for p, (_, vv) in zip(_split(p_BxKxGxLxS, pairs), pairs))
   return out_BxLxKxGxH.reshape(b, length, n, h)
+
+
+def _join(scores: list) -> jax.Array:
+  return scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
+
+
+def _split(p: jax.Array, pairs: list) -> list:
+  if len(pairs) == 1:
+    return [p]
+  s = pairs[0][0].shape[1]
+  return [p[..., :s], p[..., s:]]
 
 
 def probabilities(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array,
@@ -179,9 +197,15 @@ def read_cache(cache: jax.Array, dtype) -> jax.Array:
 
 
 def write_cache(cache: jax.Array, new_BxLx: jax.Array, slots: jax.Array) -> jax.Array:
-  """Writes the chunk's last len(slots) entries into those slots of `cache` [B, slots, ...]."""
+  """Writes the chunk's last len(slots) entries into those slots of `cache` [B, slots, ...].
+
+  One entry (a decode step) is a dynamic-update-slice, which XLA does in place in a donated
+  or loop-carried cache; a chunk may wrap around the ring, so it is a scatter.
+  """
   new_BxNx = new_BxLx[:, new_BxLx.shape[1] - slots.shape[0]:]
   new_BxNx = quantize_kv(new_BxNx) if cache.dtype == jnp.int8 else new_BxNx.astype(cache.dtype)
+  if slots.shape[0] == 1:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new_BxNx, slots[0], axis=1)
   return cache.at[:, slots].set(new_BxNx)
 
 
@@ -223,13 +247,24 @@ class Attention(nn.Module):
       new_kv = None
     else:
       cache_k, cache_v = kv
+      mask = cache_mask(geo, cfg.sliding_window)
+      one = x_BxLxD.shape[1] == 1 and geo.write_slots.shape[0] == 1
+      if one:
+        # A decode step writes first and then reads: XLA updates the cache in place only when
+        # no read of the old buffer follows the write (else it copies the whole cache). The
+        # slot just written is masked out of the cached keys, so what is attended is the same.
+        cache_k = write_cache(cache_k, k_BxLxKxH, geo.write_slots)
+        cache_v = write_cache(cache_v, v_BxLxKxH, geo.write_slots)
+        mask = mask & (jnp.arange(mask.shape[-1]) != geo.write_slots[0])[None, None, None]
       # The chunk attends to its own keys and values as computed; only the cached ones pass
       # through the cache's storage (and so its rounding).
-      k_BxSxKxH = jnp.concatenate([read_cache(cache_k, dtype), k_BxLxKxH], axis=1)
-      v_BxSxKxH = jnp.concatenate([read_cache(cache_v, dtype), v_BxLxKxH], axis=1)
-      out_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, cache_mask(geo, cfg.sliding_window))
-      new_kv = (write_cache(cache_k, k_BxLxKxH, geo.write_slots),
-                write_cache(cache_v, v_BxLxKxH, geo.write_slots))
+      out_BxLxNxH = attend(q_BxLxNxH, read_cache(cache_k, dtype), read_cache(cache_v, dtype),
+                           mask, extra=(k_BxLxKxH, v_BxLxKxH))
+      if one:
+        new_kv = (cache_k, cache_v)
+      else:
+        new_kv = (write_cache(cache_k, k_BxLxKxH, geo.write_slots),
+                  write_cache(cache_v, v_BxLxKxH, geo.write_slots))
 
     out_BxLxD = Linear((n, h), (d,), (axes.HEADS, axes.HEAD_DIM), (axes.EMBED,),
                        use_bias=cfg.out_bias, dtype=dtype, param_dtype=param_dtype,
@@ -258,16 +293,23 @@ def cache_storage(cfg: ModelConfig, kv_cache_dtype: Optional[str] = None) -> str
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty, fixed-shape KV cache for `batch` rows of up to `max_len` tokens.
 
-  `k`/`v` are [n_layers, B, slots, K, H] in `dtype` (one of KV_CACHE_DTYPES, None: the config's
-  `kv_cache_dtype`); an int8 cache stores [n_layers, B, slots, K, H + SCALE_BYTES] (see
-  `quantize_kv`). `pos`/`seg` [B, slots] record what each slot holds (segment 0 = empty);
-  `index` counts tokens written so far (slot = index mod slots).
+  `k`/`v` are tuples with one array per layer, [B, slots, K, H] in `dtype` (one of
+  KV_CACHE_DTYPES, None: the config's `kv_cache_dtype`), or under `scan_layers` one
+  [n_unique_layers, B, slots, K, H] per pass over the stacked blocks; an int8 cache stores
+  H + SCALE_BYTES lanes (see `quantize_kv`). Separate arrays per layer let each step read and
+  update its layer's entries in place, where slices of one stacked array would be copied.
+  `pos`/`seg` [B, slots] record what each slot holds (segment 0 = empty); `index` counts
+  tokens written so far (slot = index mod slots).
   """
   length = cache_length(cfg, max_len)
   storage = cache_storage(cfg, dtype)
   width = cfg.head_dim + (SCALE_BYTES if storage == 'int8' else 0)
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, width)
-  return dict(k=jnp.zeros(shape, storage), v=jnp.zeros(shape, storage),
+  shape = (batch, length, cfg.n_kv_heads, width)
+  calls = cfg.n_layers
+  if cfg.scan_layers:
+    shape, calls = (cfg.n_unique_layers,) + shape, cfg.n_layers // cfg.n_unique_layers
+  zeros = lambda: tuple(jnp.zeros(shape, storage) for _ in range(calls))
+  return dict(k=zeros(), v=zeros(),
               pos=jnp.zeros((batch, length), jnp.int32), seg=jnp.zeros((batch, length), jnp.int32),
               index=jnp.zeros((), jnp.int32))
 

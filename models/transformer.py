@@ -112,25 +112,17 @@ class Transformer(nn.Module):
     cls = block_class(cfg)
     if cfg.scan_layers:   # one stacked module, applied `repeats` times
       blocks = [cls(cfg, cfg.is_moe_layer(0), name='blocks')] * repeats
-      group = u                                       # layers handled per call
     else:
       blocks = [cls(cfg, cfg.is_moe_layer(i), name=block_name(i)) for i in range(u)] * repeats
-      group = 1
     ks, vs = [], []
     for call, block in enumerate(blocks):
-      lo, hi = call * group, (call + 1) * group
-      kv = None
-      if cache is not None:
-        kv = (cache['k'][lo:hi], cache['v'][lo:hi])
-        if not cfg.scan_layers:
-          kv = (kv[0][0], kv[1][0])
+      kv = None if cache is None else (cache['k'][call], cache['v'][call])
       x_BxLxD, kv = block(x_BxLxD, geo, kv)
       if cache is not None:
-        k, v = kv if cfg.scan_layers else (kv[0][None], kv[1][None])
-        ks.append(k)
-        vs.append(v)
+        ks.append(kv[0])
+        vs.append(kv[1])
     if cache is not None:
-      new_cache = dict(new_cache, k=jnp.concatenate(ks), v=jnp.concatenate(vs))
+      new_cache = dict(new_cache, k=tuple(ks), v=tuple(vs))
     return x_BxLxD, new_cache
 
 

@@ -72,6 +72,11 @@ def test_quantize_dequantize_error_is_at_most_half_a_step_and_zeros_stay_zero():
   assert np.all(np.abs(packed[..., :16]).max(axis=-1)[absmax > 0] == 127)
 
 
+def layers(arrays):
+  """The per-layer (or per-pass stacked) cache arrays as one [n_layers, B, S, K, W] array."""
+  return np.concatenate([np.asarray(x).reshape((-1,) + x.shape[-4:]) for x in arrays])
+
+
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_int8_step_equals_a_float_step_on_the_dequantized_cache(name):
   # The int8 path is exactly the float path reading a cache that holds the dequantized entries,
@@ -80,14 +85,17 @@ def test_int8_step_equals_a_float_step_on_the_dequantized_cache(name):
   _, int8_cache, _ = teacher_forced(name, 'int8')
   float_cache = dict(int8_cache)
   for key in ('k', 'v'):
-    float_cache[key] = jax.vmap(attention.dequantize_kv)(int8_cache[key])
-    assert int8_cache[key].shape[-1] == model.config.head_dim + attention.SCALE_BYTES
+    float_cache[key] = tuple(jax.vmap(attention.dequantize_kv)(x) for x in int8_cache[key])
+    assert all(x.shape[-1] == model.config.head_dim + attention.SCALE_BYTES
+               for x in int8_cache[key])
   token, pos = forced_tokens()[:, :1], decode.pad_prompts(PROMPTS)[2][:, -1:] + 1
   one = np.ones_like(token)
   logits_q, new_q = step(token, pos, one, int8_cache)
   logits_f, new_f = step(token, pos, one, float_cache)
   np.testing.assert_allclose(logits_q, logits_f, atol=1e-5, rtol=0)
   slot = int(int8_cache['index']) % int8_cache['pos'].shape[1]
+  new_q, new_f, int8_cache = (dict(c, k=layers(c['k']), v=layers(c['v']))
+                              for c in (new_q, new_f, int8_cache))
   for key in ('k', 'v'):
     # The written entry is the float path's entry on its grid (up to float rounding: the
     # layers after the first see inputs that differ in the last bits).
@@ -152,8 +160,8 @@ def test_cache_bytes_and_the_config_default():
       lambda: attention.init_cache(cfg, b, slots, 'int8'))) == int8
 
   quant = cfg.replace(kv_cache_dtype='int8')
-  assert attention.init_cache(quant, b, slots)['k'].dtype == jnp.int8
-  assert attention.init_cache(quant, b, slots, 'auto')['k'].dtype == jnp.float32
+  assert attention.init_cache(quant, b, slots)['k'][0].dtype == jnp.int8
+  assert attention.init_cache(quant, b, slots, 'auto')['k'][0].dtype == jnp.float32
   assert attention.cache_storage(cfg.replace(dtype='bfloat16')) == 'bfloat16'
   # The cache's storage changes no parameter.
   shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nn.meta.unbox(jax.eval_shape(

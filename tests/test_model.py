@@ -314,8 +314,12 @@ def test_cached_decoding_equals_full_forward(name, chunk):
   cfg, t_len = DECODE_CONFIGS[name], 11
   params, tokens = make_params(cfg), make_tokens(12, (2, t_len))
   cache = init_cache(cfg, 2, t_len)
-  assert cache['k'].shape == (cfg.n_layers, 2, min(t_len, cfg.sliding_window or t_len),
-                              cfg.n_kv_heads, cfg.head_dim)
+  # One array per layer (per pass over the stacked blocks under scan), together all layers.
+  per_call, calls = (2, min(t_len, cfg.sliding_window or t_len), cfg.n_kv_heads,
+                     cfg.head_dim), cfg.n_layers
+  if cfg.scan_layers:
+    per_call, calls = (cfg.n_unique_layers,) + per_call, cfg.n_layers // cfg.n_unique_layers
+  assert [x.shape for x in cache['k']] == [per_call] * calls
   pieces = []
   for start in range(0, t_len, chunk):
     logits, cache = forward(cfg, params, tokens[:, start:start + chunk], cache=cache)
