@@ -1,0 +1,254 @@
+"""A continuous-batching serving engine with priorities and preemption.
+
+Requests wait in a queue ordered by priority (higher first) and then arrival. Each `step()`
+first admits waiting requests into free decode slots (prefilling new prompts, a batch per prompt
+bucket, or restoring preempted ones), then runs one decode step for every live slot and streams
+each slot's new token. A request finishes at a stop token or its token limit and frees its slot
+at once, so the next one starts without waiting for the rest of a batch.
+
+When every slot is busy and a waiting request has a higher priority than the lowest running one,
+that one is preempted: its slot's cache entries are swapped out to host memory and it is queued
+again at its place of arrival; when a slot frees it is swapped back in (`models.slots.restore`)
+and continues with the tokens it had, exactly as if it had never left.
+
+  engine = Engine(model, params, slots=8, max_len=256)
+  results = engine.run([Request(prompt=[1, 2, 3], max_new_tokens=20), ...])
+
+Bad requests finish at once with `finish_reason='error'` and a one-line `error`; the others are
+served as usual. All programs are fixed-shape: `compiles()` counts them (at most two per prompt
+bucket and slot-batch size, two decode steps, one swap each way).
+"""
+
+import dataclasses
+import itertools
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from experiments.requests import Request, Result, check
+from models import slots as slots_lib
+from models.attention import cache_bytes, cache_storage, init_cache
+from models.decode import pad_prompts
+
+
+@dataclasses.dataclass
+class _Entry:
+  """A request the engine holds: waiting, running in `slot`, or swapped out (`saved`)."""
+  request: Request
+  result: Result
+  seq: int                       # arrival order, kept through preemption
+  slot: Optional[int] = None
+  saved: Optional[dict] = None   # host copy of its cache entries while preempted
+
+
+def default_buckets(max_len: int) -> tuple:
+  """Prompt buckets: powers of two from 8 up to `max_len` (and `max_len` itself)."""
+  out = [8]
+  while out[-1] * 2 < max_len:
+    out.append(out[-1] * 2)
+  return tuple(b for b in out if b < max_len) + (max_len,)
+
+
+class Engine:
+  """Serves `Request`s from `slots` decode slots of a model's parameters (float or quantized).
+
+  Args:
+    model: a `models.Transformer`.
+    params: its parameter tree (quantized leaves run through the seam as usual).
+    slots: requests decoded together.
+    max_len: the most tokens (prompt bucket plus new tokens) one request may span; None: the
+      model's max_len.
+    kv_cache_dtype: cache storage, one of `models.config.KV_CACHE_DTYPES` (None: the config's).
+    buckets: prompt lengths compiled for (each prompt is left-padded to the next).
+    pad_id: the id padding prompts.
+    clock: the time source for the results' timestamps.
+  """
+
+  def __init__(self, model, params, *, slots: int = 8, max_len: Optional[int] = None,
+               kv_cache_dtype: Optional[str] = None, buckets: Optional[Sequence[int]] = None,
+               pad_id: int = 0, clock: Callable[[], float] = time.perf_counter):
+    cfg = model.config
+    max_len = cfg.max_len if max_len is None else max_len
+    if slots < 1:
+      raise ValueError(f'slots={slots} must be at least 1')
+    if not 1 < max_len <= cfg.max_len:
+      raise ValueError(f'max_len={max_len} must be in [2, the model max_len={cfg.max_len}]')
+    self.buckets = tuple(sorted(set(buckets or default_buckets(max_len))))
+    if self.buckets[0] < 1 or self.buckets[-1] > max_len:
+      raise ValueError(f'buckets={self.buckets} must lie in [1, max_len={max_len}]')
+    self.model, self.params, self.slots, self.max_len = model, params, slots, max_len
+    self.storage = cache_storage(cfg, kv_cache_dtype)
+    self.pad_id, self.clock = pad_id, clock
+    self.cache = init_cache(cfg, slots, max_len, self.storage)
+    self.index = 0                          # the cache's shared write index, mirrored on host
+    self.results: dict = {}
+    self._waiting: list = []
+    self._running: dict = {}                # slot -> _Entry
+    self._seq = itertools.count()
+    self._names = itertools.count()
+    # Per-slot decode inputs, kept on the host and sent with each step.
+    self._tok = np.zeros(slots, np.int32)
+    self._pos = np.zeros(slots, np.int32)
+
+  # --- the client's side -------------------------------------------------------------------
+
+  def submit(self, request) -> str:
+    """Queues a `Request` (or its dict); returns its id. A bad one finishes at once with its
+    error; one whose id is taken is named `<id>#<n>` for that error."""
+    now = self.clock()
+    rid = request.get('id', '') if isinstance(request, dict) else getattr(request, 'id', '')
+    rid = str(rid) if rid else f'req{next(self._names)}'
+    result = Result(id=rid, arrival=now)
+    try:
+      if rid in self.results:
+        # The refusal gets a name of its own, so the first request's result stays as it is.
+        rid = result.id = f'{rid}#{next(self._names)}'
+        raise ValueError(f'id {rid.split("#")[0]!r} is already in use')
+      if isinstance(request, dict):
+        request = Request.from_dict(request)
+      request = dataclasses.replace(request, id=rid)
+      check(request, self.model.config.vocab_size, self.max_len, self.bucket(len(request.prompt)))
+      if self.model.config.position == 'learned' and (
+          len(request.prompt) + request.max_new_tokens > self.model.config.max_len):
+        raise ValueError(f'prompt of {len(request.prompt)} tokens plus max_new_tokens='
+                         f'{request.max_new_tokens} exceeds the model max_len')
+    except (ValueError, TypeError) as e:
+      result.finish_reason, result.error = 'error', f'request {rid}: {e}'
+      self.results[rid] = result
+      return rid
+    result.priority = request.priority
+    self.results[rid] = result
+    self._waiting.append(_Entry(request, result, next(self._seq)))
+    return rid
+
+  def run(self, requests: Iterable = (), on_token: Optional[Callable] = None) -> dict:
+    """Submits `requests`, steps until every request is done; returns {id: Result}."""
+    ids = [self.submit(r) for r in requests]
+    while self.busy:
+      for rid, token in self.step():
+        if on_token is not None:
+          on_token(rid, token)
+    return {rid: self.results[rid] for rid in ids} if ids else dict(self.results)
+
+  @property
+  def busy(self) -> bool:
+    """Whether any request is waiting or running."""
+    return bool(self._waiting or self._running)
+
+  def bucket(self, n: int) -> Optional[int]:
+    """The prompt bucket for `n` tokens (None if longer than every bucket)."""
+    return next((b for b in self.buckets if b >= n), None)
+
+  def cache_bytes(self) -> int:
+    """Bytes of the slots' KV cache (entries, scales and bookkeeping)."""
+    return cache_bytes(self.cache)
+
+  def compiles(self) -> int:
+    """Programs compiled so far by the slot programs (every engine in this process)."""
+    fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.first_tokens,
+           slots_lib.extract, slots_lib.restore)
+    return sum(f._cache_size() for f in fns)
+
+  # --- one engine iteration ----------------------------------------------------------------
+
+  def step(self) -> list:
+    """Admits what fits, then decodes one token for every live slot; returns (id, token)
+    pairs in the order they were made."""
+    events = []
+    self._admit(events)
+    if self._running:
+      self._decode(events)
+    return events
+
+  def _admit(self, events: list) -> None:
+    placed = []
+    free = [s for s in range(self.slots) if s not in self._running]
+    while self._waiting:
+      entry = min(self._waiting, key=lambda e: (-e.request.priority, e.seq))
+      if not free:
+        victim = min(self._running.values(), key=lambda e: (e.request.priority, -e.seq))
+        if victim.request.priority >= entry.request.priority:
+          break
+        free.append(self._preempt(victim))
+      self._waiting.remove(entry)
+      entry.slot = free.pop(0)
+      self._running[entry.slot] = entry
+      placed.append(entry)
+    for entry in [e for e in placed if e.saved is not None]:
+      self.cache = slots_lib.restore(self.cache, entry.saved, np.int32(entry.slot))
+      entry.saved = None
+      # The next decode input: its last token, at the position after its prompt and tokens.
+      self._tok[entry.slot] = entry.result.tokens[-1]
+      self._pos[entry.slot] = len(entry.request.prompt) + len(entry.result.tokens) - 1
+    fresh = [e for e in placed if not e.result.tokens]
+    for bucket in sorted({self.bucket(len(e.request.prompt)) for e in fresh}):
+      self._prefill([e for e in fresh if self.bucket(len(e.request.prompt)) == bucket],
+                    bucket, events)
+
+  def _preempt(self, entry: _Entry) -> int:
+    slot = entry.slot
+    entry.saved = jax.device_get(slots_lib.extract(self.cache, np.int32(slot)))
+    entry.slot = None
+    entry.result.preemptions += 1
+    del self._running[slot]
+    self._waiting.append(entry)
+    return slot
+
+  def _prefill(self, entries: list, bucket: int, events: list) -> None:
+    rows = 1 << (len(entries) - 1).bit_length()    # a power of two: few compiled batch sizes
+    prompts = [e.request.prompt for e in entries]
+    prompts += [prompts[0]] * (rows - len(entries))
+    tokens, seg, pos = pad_prompts(prompts, self.pad_id, bucket)
+    logits, kv = slots_lib.prefill(self.params, tokens, seg, pos, model=self.model,
+                                   storage=self.storage)
+    sampling = _sampling([e.request for e in entries] + [None] * (rows - len(entries)))
+    first = np.asarray(slots_lib.first_tokens(logits, sampling, greedy=_all_greedy(entries)))
+    for i, entry in enumerate(entries):
+      self.cache = slots_lib.insert(self.cache, kv, np.int32(entry.slot), np.int32(i))
+      self._tok[entry.slot] = first[i]
+      self._pos[entry.slot] = len(entry.request.prompt)
+      self._emit(entry, int(first[i]), events)
+
+  def _decode(self, events: list) -> None:
+    live = np.zeros(self.slots, bool)
+    live[list(self._running)] = True
+    requests = [self._running[s].request if live[s] else None for s in range(self.slots)]
+    count = np.array([len(self._running[s].result.tokens) if live[s] else 0
+                      for s in range(self.slots)], np.int32)
+    entries = list(self._running.values())
+    new, self.cache = slots_lib.step(self.params, self.cache, self._tok, self._pos, live,
+                                     _sampling(requests), count, model=self.model,
+                                     greedy=_all_greedy(entries))
+    self.index += 1
+    new = np.asarray(new)
+    for slot, entry in sorted(self._running.items()):
+      self._tok[slot] = new[slot]
+      self._pos[slot] += 1
+      self._emit(entry, int(new[slot]), events)
+
+  def _emit(self, entry: _Entry, token: int, events: list) -> None:
+    result, request = entry.result, entry.request
+    result.tokens.append(token)
+    result.token_times.append(self.clock())
+    events.append((result.id, token))
+    if token in request.stop_tokens:
+      result.finish_reason = 'stop'
+    elif len(result.tokens) >= request.max_new_tokens:
+      result.finish_reason = 'length'
+    if result.done:
+      self._running.pop(entry.slot, None)
+      entry.slot = None
+
+
+def _all_greedy(entries) -> bool:
+  return all(e.request.temperature == 0 for e in entries)
+
+
+def _sampling(requests: list) -> dict:
+  """Per-row sampling parameters (rows without a request: greedy, unfiltered)."""
+  get = lambda name, default, dtype: np.array(
+      [getattr(r, name) if r is not None else default for r in requests], dtype)
+  return dict(temperature=get('temperature', 0.0, np.float32), top_k=get('top_k', 0, np.int32),
+              top_p=get('top_p', 1.0, np.float32), seed=get('seed', 0, np.uint32))
