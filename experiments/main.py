@@ -3,7 +3,8 @@
 --mode picks a runner of `experiments/runners.py`: train (default; resumes from the workdir's
 latest checkpoint), eval, sample (--prompt; with --variant, both read a variant --mode=quantize
 saved), prune and quantize (experiments/configs/prune.py and quantize.py configs), benchmark,
-compare (against the PyTorch peer) and decode_benchmark (no workdir). Bad input and run-level
+compare (against the PyTorch peer) and decode_benchmark (no workdir), serve (--requests,
+--output, --slots: a JSONL file of requests through the serving engine). Bad input and run-level
 failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
 starts over in a workdir whose run has another configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
@@ -49,6 +50,9 @@ _BATCH_SIZES = flags.DEFINE_list('batch_sizes', list(map(str, runners.Flags.batc
 _VARIANTS = flags.DEFINE_list('variants', list(runners.Flags.variants),
                               'decode_benchmark: float and round-to-nearest quantization specs '
                               '(experiments/quantize.py), e.g. float,rtn:int8,rtn:int4:g128.')
+_REQUESTS = flags.DEFINE_string('requests', '', 'serve: a JSONL file of requests.')
+_OUTPUT = flags.DEFINE_string('output', '', 'serve: the JSONL file the results are written to.')
+_SLOTS = flags.DEFINE_integer('slots', runners.Flags.slots, 'serve: requests decoded together.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -73,7 +77,8 @@ def main(argv):
   given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, variant=_VARIANT.value,
                         steps=_STEPS.value, vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
-                        variants=tuple(_VARIANTS.value))
+                        variants=tuple(_VARIANTS.value), requests=_REQUESTS.value,
+                        output=_OUTPUT.value, slots=_SLOTS.value)
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:

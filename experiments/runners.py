@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from etils import epath
 
 from experiments import (benchmark, compare, decode_benchmark, distill, prune, quantize, runtime,
-                         saved, train)
+                         saved, serve, train)
 from experiments.errors import UserError
 
 
@@ -31,6 +31,9 @@ class Flags:
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
   batch_sizes: tuple = (1, 8)          # decode_benchmark: rows decoded together
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
+  requests: str = ''       # serve: the JSONL file of requests
+  output: str = ''         # serve: where the JSONL results go
+  slots: int = 8           # serve: requests decoded together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,10 @@ def _decode_benchmark(config, workdir, flags: Flags):
                               flags.vocab_size)
 
 
+def _serve(config, workdir, flags: Flags):
+  return serve.run(config, workdir, flags.requests, flags.output, flags.slots)
+
+
 def _compare(config, workdir, flags: Flags):
   return compare.run(config, flags.steps, flags.vocab_size, flags.peers)
 
@@ -110,6 +117,9 @@ RUNNERS = {
                                'random weights (experiments/decode_benchmark.py)',
                                flags=('steps', 'vocab_size', 'batch_sizes', 'variants'),
                                needs_workdir=False, distributed=False),
+    'serve': Runner(_serve, 'serves a JSONL file of --requests from the newest checkpoint '
+                    'through the engine into --output (read-only)',
+                    flags=('requests', 'output', 'slots'), distributed=False),
 }
 
 

@@ -21,7 +21,7 @@ def test_every_mode_is_a_registered_runner_with_a_one_line_doc():
 
 @pytest.mark.parametrize('name, flags, workdir, match', [
     ('bogus', {}, 'w', '--mode=bogus is not one of train, eval, sample, prune, quantize, '
-                       'distill, benchmark, compare, decode_benchmark'),
+                       'distill, benchmark, compare, decode_benchmark, serve'),
     ('eval', dict(resume='new'), 'w', '--resume=new applies to --mode=train only'),
     ('train', dict(prompt='x'), 'w', '--prompt=x applies to --mode=sample only'),
     ('sample', dict(remat=('full',)), 'w', '--remat=full applies to --mode=benchmark only'),

@@ -1,0 +1,77 @@
+"""--mode=serve: a JSONL file of requests served from a trained run through the engine."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import runners, runtime, steps
+from experiments.errors import UserError
+from models import decode
+from tests.runs import tiny_config, tree_digest
+
+
+def alone(config, workdir, prompt, n):
+  """Greedy `decode.generate` on one prompt, cut after the EOS id."""
+  _, model, tokenizer, params, placement = runtime.load_params(config, workdir)
+  params = steps.served_params(placement.loss, params)
+  out = decode.generate(model, params, [prompt], max_new_tokens=n,
+                        stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
+  return np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist(), tokenizer
+
+
+def test_serve_writes_every_request_in_order_as_if_each_ran_alone(source, data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  lines = [json.dumps(dict(text='ROMEO:', max_new_tokens=12, id='romeo')),
+           'this is not json',
+           json.dumps(dict(prompt=[1, 40, 41, 42], max_new_tokens=7, priority=1)),
+           json.dumps(dict(prompt=[], max_new_tokens=3, id='empty')),
+           json.dumps(dict(text='JULIET:', max_new_tokens=9, beams=2, id='beams')),
+           json.dumps(dict(text='KING:', max_new_tokens=10, temperature=0.8, seed=3, id='hot'))]
+  requests, output = tmp_path / 'requests.jsonl', tmp_path / 'out.jsonl'
+  requests.write_text('\n'.join(lines) + '\n')
+  before = tree_digest(source)
+  text = runners.run('serve', config, source, requests=str(requests), output=str(output),
+                     slots=2)
+  assert text.startswith('served 3 of 6 requests (3 errors)')
+  got = [json.loads(line) for line in output.read_text().splitlines()]
+  assert [g['id'] for g in got] == ['romeo', 'line2', 'line3', 'empty', 'beams', 'hot']
+  _, tokenizer = alone(config, source, [1], 1)
+  romeo, _ = alone(config, source, [tokenizer.bos_id] + tokenizer.encode('ROMEO:'), 12)
+  assert got[0]['tokens'] == romeo and got[0]['text'] == tokenizer.decode(romeo)
+  assert got[2]['tokens'] == alone(config, source, [1, 40, 41, 42], 7)[0]
+  assert got[1]['finish_reason'] == 'error' and 'line 2 is not JSON' in got[1]['error']
+  assert 'prompt must be a non-empty' in got[3]['error']
+  assert "unknown request field 'beams'" in got[4]['error']
+  assert got[5]['finish_reason'] in ('stop', 'length') and 1 <= len(got[5]['tokens']) <= 10
+  assert all(g['ttft'] >= 0 for g in got if g['finish_reason'] != 'error')
+  assert tree_digest(source) == before
+
+
+@pytest.mark.parametrize('case, match', [
+    ('missing', '--requests=.*does not exist'),
+    ('same', '--output=.* is the requests file'),
+    ('slots', '--slots=0 must be at least 1'),
+    ('none', '--mode=serve needs --requests'),
+])
+def test_serve_refuses_bad_flags_in_one_line_and_writes_nothing(source, data_dir, tmp_path,
+                                                                 case, match):
+  requests = tmp_path / 'requests.jsonl'
+  requests.write_text(json.dumps(dict(prompt=[1, 2], max_new_tokens=2)) + '\n')
+  flags = dict(requests=str(requests), output=str(tmp_path / 'out.jsonl'), slots=2)
+  if case == 'missing':
+    flags['requests'] = str(tmp_path / 'nope.jsonl')
+  elif case == 'same':
+    flags['output'] = str(requests)
+  elif case == 'slots':
+    flags['slots'] = 0
+  else:
+    flags = {}
+  with pytest.raises(UserError, match=match):
+    runners.run('serve', tiny_config(data_dir), source, **flags)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['requests.jsonl']
+
+
+def test_only_serve_takes_requests_output_and_slots():
+  with pytest.raises(UserError, match='--slots=4 applies to --mode=serve only'):
+    runners.check_flags('sample', runners.Flags(slots=4), 'w')
