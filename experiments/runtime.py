@@ -205,11 +205,16 @@ def load_params(config, workdir):
   return restored.step, model, tokenizer, restored.state, placement
 
 
+def load_served(config, workdir):
+  """`load_params` with the parameters cut to the model's own tree (`steps.served_params`)."""
+  step, model, tokenizer, params, placement = load_params(config, workdir)
+  return step, model, tokenizer, steps.served_params(placement.loss, params), placement
+
+
 def evaluate(config, workdir) -> dict:
   """Evaluates the newest checkpoint of `workdir` on the eval split (read-only)."""
   validate.check(config, workdir, 'eval')
-  step, model, tokenizer, params, placement = load_params(config, workdir)
-  params = steps.served_params(placement.loss, params)
+  step, model, tokenizer, params, placement = load_served(config, workdir)
   metrics = evaluate_params(config, params, model, tokenizer, placement)
   if not np.isfinite(metrics['loss']):
     raise UserError(f'the checkpoint at step {step} in {workdir} evaluates to a non-finite loss '
@@ -220,6 +225,5 @@ def evaluate(config, workdir) -> dict:
 def sample(config, workdir, prompt: str, seed: int = 0) -> str:
   """Continues `prompt` with the newest checkpoint of `workdir` (read-only)."""
   validate.check(config, workdir, 'sample')
-  _, model, tokenizer, params, placement = load_params(config, workdir)
-  params = steps.served_params(placement.loss, params)
+  _, model, tokenizer, params, _ = load_served(config, workdir)
   return sample_texts(config, params, model, tokenizer, [prompt], seed, strict=True)[0]

@@ -16,7 +16,8 @@ import json
 
 from etils import epath
 
-from experiments import runtime, steps, validate
+from experiments import runtime, validate
+from experiments import workdir as workdir_lib
 from experiments.engine import Engine
 from experiments.errors import UserError
 
@@ -63,12 +64,11 @@ def run(config, workdir, requests: str, output: str, slots: int) -> str:
   if slots < 1:
     raise UserError(f'--slots={slots} must be at least 1')
   validate.check(config, workdir, 'sample')
-  _, model, tokenizer, params, placement = runtime.load_params(config, workdir)
-  params = steps.served_params(placement.loss, params)
+  _, model, tokenizer, params, _ = runtime.load_served(config, workdir)
   engine = Engine(model, params, slots=slots, pad_id=tokenizer.pad_id)
   # Each input line keeps its place: an engine id, or the error that kept it from the engine.
   placed = [item if isinstance(item, tuple) else engine.submit(item)
-              for item in read_requests(src, tokenizer)]
+            for item in read_requests(src, tokenizer)]
   results = engine.run()
   lines = []
   for item in placed:
@@ -79,9 +79,7 @@ def run(config, workdir, requests: str, output: str, slots: int) -> str:
     lines.append(dict(id=item, tokens=r.tokens, text=tokenizer.decode(r.tokens),
                       finish_reason=r.finish_reason, error=r.error, ttft=r.ttft,
                       latency=r.latency, preemptions=r.preemptions))
-  tmp = dst.parent / f'.{dst.name}.tmp'
-  tmp.write_text(''.join(json.dumps(line) + '\n' for line in lines))
-  tmp.rename(dst)
+  workdir_lib.write_text(dst, ''.join(json.dumps(line) + '\n' for line in lines))
   errors = sum(line['finish_reason'] == 'error' for line in lines)
   made = sum(len(line['tokens']) for line in lines)
   return (f'served {len(lines) - errors} of {len(lines)} requests ({errors} errors), {made} '

@@ -41,11 +41,10 @@ def is_local(path) -> bool:
   return '://' not in str(path)
 
 
-def write_json(path, obj) -> None:
-  """Writes JSON to a temporary name, flushed to disk, then renames it into place."""
+def write_text(path, text: str) -> None:
+  """Writes text to a temporary name, flushed to disk, then renames it into place."""
   path = epath.Path(path)
   tmp = path.parent / f'.{path.name}.tmp{os.getpid()}'
-  text = json.dumps(obj, indent=2)
   if is_local(path):
     with open(tmp, 'w') as f:
       f.write(text)
@@ -54,6 +53,11 @@ def write_json(path, obj) -> None:
   else:
     tmp.write_text(text)
   tmp.replace(path)
+
+
+def write_json(path, obj) -> None:
+  """Writes JSON atomically (see `write_text`)."""
+  write_text(path, json.dumps(obj, indent=2))
 
 
 def read_json(path, what: str):

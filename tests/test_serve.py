@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import runners, runtime, steps
+from experiments import runners, runtime
 from experiments.errors import UserError
 from models import decode
 from tests.runs import tiny_config, tree_digest
@@ -13,8 +13,7 @@ from tests.runs import tiny_config, tree_digest
 
 def alone(config, workdir, prompt, n):
   """Greedy `decode.generate` on one prompt, cut after the EOS id."""
-  _, model, tokenizer, params, placement = runtime.load_params(config, workdir)
-  params = steps.served_params(placement.loss, params)
+  _, model, tokenizer, params, _ = runtime.load_served(config, workdir)
   out = decode.generate(model, params, [prompt], max_new_tokens=n,
                         stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id)
   return np.asarray(out.tokens[0, :int(out.lengths[0])]).tolist(), tokenizer
