@@ -17,6 +17,13 @@ and continues with the tokens it had, exactly as if it had never left.
 Bad requests finish at once with `finish_reason='error'` and a one-line `error`; the others are
 served as usual. All programs are fixed-shape: `compiles()` counts them (at most two per prompt
 bucket and slot-batch size, two decode steps, one swap each way).
+
+With `draft=(draft_model, draft_params)` every decode step is a speculative pass
+(`models.speculative`): the draft proposes `draft_tokens` tokens per slot, the target verifies
+them in one forward pass, and each slot takes the tokens the rejection rule keeps (greedy: the
+target's own tokens; sampled: the target's distribution). The draft keeps its own slot cache
+beside the target's, prefilled, swapped and restored with it; `stats` counts proposals and
+acceptances.
 """
 
 import dataclasses
@@ -29,6 +36,7 @@ import numpy as np
 
 from experiments.requests import Request, Result, check
 from models import slots as slots_lib
+from models import speculative
 from models.attention import cache_bytes, cache_storage, init_cache
 from models.decode import pad_prompts
 
@@ -40,7 +48,7 @@ class _Entry:
   result: Result
   seq: int                       # arrival order, kept through preemption
   slot: Optional[int] = None
-  saved: Optional[dict] = None   # host copy of its cache entries while preempted
+  saved: Optional[tuple] = None  # host copies of its cache entries (target, draft) while out
 
 
 def default_buckets(max_len: int) -> tuple:
@@ -64,11 +72,14 @@ class Engine:
     buckets: prompt lengths compiled for (each prompt is left-padded to the next).
     pad_id: the id padding prompts.
     clock: the time source for the results' timestamps.
+    draft: (model, params) of a draft model for speculative decoding (same vocabulary), or None.
+    draft_tokens: proposals per speculative pass (k).
   """
 
   def __init__(self, model, params, *, slots: int = 8, max_len: Optional[int] = None,
                kv_cache_dtype: Optional[str] = None, buckets: Optional[Sequence[int]] = None,
-               pad_id: int = 0, clock: Callable[[], float] = time.perf_counter):
+               pad_id: int = 0, clock: Callable[[], float] = time.perf_counter,
+               draft: Optional[tuple] = None, draft_tokens: int = 4):
     cfg = model.config
     max_len = cfg.max_len if max_len is None else max_len
     if slots < 1:
@@ -82,6 +93,12 @@ class Engine:
     self.storage = cache_storage(cfg, kv_cache_dtype)
     self.pad_id, self.clock = pad_id, clock
     self.cache = init_cache(cfg, slots, max_len, self.storage)
+    self.draft, self.draft_tokens, self.draft_cache = None, 0, None
+    if draft is not None:
+      self._init_draft(draft, draft_tokens)
+    # Cache entries one new token may take: a speculative pass writes k + 1 for at least one.
+    self.entries_per_token = self.draft_tokens + 1
+    self.stats = dict(passes=0, slot_passes=0, proposed=0, accepted=0)
     self.index = 0                          # the cache's shared write index, mirrored on host
     self.results: dict = {}
     self._waiting: list = []
@@ -92,12 +109,33 @@ class Engine:
     self._tok = np.zeros(slots, np.int32)
     self._pos = np.zeros(slots, np.int32)
 
+  def _init_draft(self, draft, k: int) -> None:
+    if not (isinstance(draft, (tuple, list)) and len(draft) == 2):
+      raise ValueError(f'draft must be a (model, params) pair, got {type(draft).__name__}')
+    model, cfg = draft[0], draft[0].config
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+      raise ValueError(f'draft_tokens={k!r} must be an integer >= 1')
+    if cfg.vocab_size != self.model.config.vocab_size:
+      raise ValueError(f'the draft vocab_size={cfg.vocab_size} differs from the target '
+                       f'vocab_size={self.model.config.vocab_size}')
+    for name, c in (('target', self.model.config), ('draft', cfg)):
+      # Rejected entries leave gaps in the ring, which a window counted in entries would misread.
+      if c.sliding_window is not None:
+        raise ValueError(f'speculative decoding needs full attention; the {name} has '
+                         f'sliding_window={c.sliding_window}')
+    if cfg.max_len < self.max_len:
+      raise ValueError(f'the draft max_len={cfg.max_len} is below the engine max_len='
+                       f'{self.max_len}')
+    self.draft, self.draft_params, self.draft_tokens = model, draft[1], k
+    self.draft_cache = init_cache(cfg, self.slots, self.max_len, self.storage)
+
   # --- the client's side -------------------------------------------------------------------
 
-  def submit(self, request) -> str:
+  def submit(self, request, arrival: Optional[float] = None) -> str:
     """Queues a `Request` (or its dict); returns its id. A bad one finishes at once with its
-    error; one whose id is taken is named `<id>#<n>` for that error."""
-    now = self.clock()
+    error; one whose id is taken is named `<id>#<n>` for that error. `arrival`: when it
+    arrived on the engine's clock (None: now), the origin of its time to first token."""
+    now = self.clock() if arrival is None else arrival
     rid = request.get('id', '') if isinstance(request, dict) else getattr(request, 'id', '')
     rid = str(rid) if rid else f'req{next(self._names)}'
     result = Result(id=rid, arrival=now)
@@ -106,14 +144,7 @@ class Engine:
         # The refusal gets a name of its own, so the first request's result stays as it is.
         rid = result.id = f'{rid}#{next(self._names)}'
         raise ValueError(f'id {rid.split("#")[0]!r} is already in use')
-      if isinstance(request, dict):
-        request = Request.from_dict(request)
-      request = dataclasses.replace(request, id=rid)
-      check(request, self.model.config.vocab_size, self.max_len, self.bucket(len(request.prompt)))
-      if self.model.config.position == 'learned' and (
-          len(request.prompt) + request.max_new_tokens > self.model.config.max_len):
-        raise ValueError(f'prompt of {len(request.prompt)} tokens plus max_new_tokens='
-                         f'{request.max_new_tokens} exceeds the model max_len')
+      request = self._checked(request, rid)
     except (ValueError, TypeError) as e:
       result.finish_reason, result.error = 'error', f'request {rid}: {e}'
       self.results[rid] = result
@@ -122,6 +153,29 @@ class Engine:
     self.results[rid] = result
     self._waiting.append(_Entry(request, result, next(self._seq)))
     return rid
+
+  def refusal(self, request) -> str:
+    """Why this engine would refuse `request` ('' if it would serve it); queues nothing."""
+    try:
+      self._checked(request, 'checked')
+    except (ValueError, TypeError) as e:
+      return str(e)
+    return ''
+
+  def _checked(self, request, rid: str) -> Request:
+    if isinstance(request, dict):
+      request = Request.from_dict(request)
+    request = dataclasses.replace(request, id=rid)
+    check(request, self.model.config.vocab_size, self.max_len, self.bucket(len(request.prompt)),
+          self.entries_per_token)
+    # A speculative pass scores positions up to k past the request's last token.
+    span = len(request.prompt) + request.max_new_tokens + self.draft_tokens
+    for m in (self.model, self.draft):
+      if m is not None and m.config.position == 'learned' and span > m.config.max_len:
+        raise ValueError(f'prompt of {len(request.prompt)} tokens plus max_new_tokens='
+                         f'{request.max_new_tokens} (plus {self.draft_tokens} proposed) '
+                         f'exceeds the model max_len={m.config.max_len}')
+    return request
 
   def run(self, requests: Iterable = (), on_token: Optional[Callable] = None) -> dict:
     """Submits `requests`, steps until every request is done; returns {id: Result}."""
@@ -148,7 +202,7 @@ class Engine:
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
     fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.first_tokens,
-           slots_lib.extract, slots_lib.restore)
+           slots_lib.extract, slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
   # --- one engine iteration ----------------------------------------------------------------
@@ -177,7 +231,10 @@ class Engine:
       self._running[entry.slot] = entry
       placed.append(entry)
     for entry in [e for e in placed if e.saved is not None]:
-      self.cache = slots_lib.restore(self.cache, entry.saved, np.int32(entry.slot))
+      row = np.int32(entry.slot)
+      self.cache = slots_lib.restore(self.cache, entry.saved[0], row)
+      if self.draft is not None:
+        self.draft_cache = slots_lib.restore(self.draft_cache, entry.saved[1], row)
       entry.saved = None
       # The next decode input: its last token, at the position after its prompt and tokens.
       self._tok[entry.slot] = entry.result.tokens[-1]
@@ -189,7 +246,10 @@ class Engine:
 
   def _preempt(self, entry: _Entry) -> int:
     slot = entry.slot
-    entry.saved = jax.device_get(slots_lib.extract(self.cache, np.int32(slot)))
+    row = np.int32(slot)
+    entry.saved = jax.device_get((
+        slots_lib.extract(self.cache, row),
+        None if self.draft is None else slots_lib.extract(self.draft_cache, row)))
     entry.slot = None
     entry.result.preemptions += 1
     del self._running[slot]
@@ -205,8 +265,15 @@ class Engine:
                                    storage=self.storage)
     sampling = _sampling([e.request for e in entries] + [None] * (rows - len(entries)))
     first = np.asarray(slots_lib.first_tokens(logits, sampling, greedy=_all_greedy(entries)))
+    draft_kv = None
+    if self.draft is not None:
+      _, draft_kv = slots_lib.prefill(self.draft_params, tokens, seg, pos, model=self.draft,
+                                      storage=self.storage)
     for i, entry in enumerate(entries):
       self.cache = slots_lib.insert(self.cache, kv, np.int32(entry.slot), np.int32(i))
+      if draft_kv is not None:
+        self.draft_cache = slots_lib.insert(self.draft_cache, draft_kv, np.int32(entry.slot),
+                                            np.int32(i))
       self._tok[entry.slot] = first[i]
       self._pos[entry.slot] = len(entry.request.prompt)
       self._emit(entry, int(first[i]), events)
@@ -218,6 +285,8 @@ class Engine:
     count = np.array([len(self._running[s].result.tokens) if live[s] else 0
                       for s in range(self.slots)], np.int32)
     entries = list(self._running.values())
+    if self.draft is not None:
+      return self._speculate(live, _sampling(requests), count, _all_greedy(entries), events)
     new, self.cache = slots_lib.step(self.params, self.cache, self._tok, self._pos, live,
                                      _sampling(requests), count, model=self.model,
                                      greedy=_all_greedy(entries))
@@ -227,6 +296,29 @@ class Engine:
       self._tok[slot] = new[slot]
       self._pos[slot] += 1
       self._emit(entry, int(new[slot]), events)
+
+  def _speculate(self, live, sampling, count, greedy: bool, events: list) -> None:
+    k = self.draft_tokens
+    tokens, made, self.cache, self.draft_cache = speculative.speculate(
+        self.params, self.cache, self.draft_params, self.draft_cache, self._tok, self._pos,
+        live, sampling, count, model=self.model, draft=self.draft, k=k, greedy=greedy)
+    self.index += k + 1
+    tokens, made = np.asarray(tokens), np.asarray(made)
+    self.stats['passes'] += 1
+    for slot, entry in sorted(self._running.items()):
+      self.stats['slot_passes'] += 1
+      self.stats['proposed'] += k
+      self.stats['accepted'] += int(made[slot]) - 1
+      for token in tokens[slot, :made[slot]]:
+        self._emit(entry, int(token), events)
+        if entry.result.done:
+          break
+      self._tok[slot] = entry.result.tokens[-1]
+      self._pos[slot] += made[slot]
+
+  def acceptance_rate(self) -> Optional[float]:
+    """The share of proposed draft tokens the target kept so far (None before any pass)."""
+    return self.stats['accepted'] / self.stats['proposed'] if self.stats['proposed'] else None
 
   def _emit(self, entry: _Entry, token: int, events: list) -> None:
     result, request = entry.result, entry.request

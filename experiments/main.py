@@ -50,9 +50,16 @@ _BATCH_SIZES = flags.DEFINE_list('batch_sizes', list(map(str, runners.Flags.batc
 _VARIANTS = flags.DEFINE_list('variants', list(runners.Flags.variants),
                               'decode_benchmark: float and round-to-nearest quantization specs '
                               '(experiments/quantize.py), e.g. float,rtn:int8,rtn:int4:g128.')
-_REQUESTS = flags.DEFINE_string('requests', '', 'serve: a JSONL file of requests.')
+_REQUESTS = flags.DEFINE_string('requests', '', 'serve: a JSONL file of requests; '
+                                'trace_benchmark: a trace (requests with an arrival field).')
 _OUTPUT = flags.DEFINE_string('output', '', 'serve: the JSONL file the results are written to.')
-_SLOTS = flags.DEFINE_integer('slots', runners.Flags.slots, 'serve: requests decoded together.')
+_SLOTS = flags.DEFINE_integer('slots', runners.Flags.slots,
+                              'serve, trace_benchmark: requests decoded together.')
+_DRAFT = flags.DEFINE_string('draft', '', 'serve, serve_benchmark: the workdir of a draft run '
+                             '(same tokenizer) for speculative decoding.')
+_DRAFT_TOKENS = flags.DEFINE_list('draft_tokens', list(map(str, runners.Flags.draft_tokens)),
+                                  'serve: draft tokens proposed per pass; serve_benchmark: the '
+                                  'values timed, e.g. 2,3,4,5,6.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -74,11 +81,16 @@ def main(argv):
     batch_sizes = tuple(int(b) for b in _BATCH_SIZES.value)
   except ValueError:
     raise UserError(f'--batch_sizes={",".join(_BATCH_SIZES.value)} must be integers') from None
+  try:
+    draft_tokens = tuple(int(k) for k in _DRAFT_TOKENS.value)
+  except ValueError:
+    raise UserError(f'--draft_tokens={",".join(_DRAFT_TOKENS.value)} must be integers') from None
   given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, variant=_VARIANT.value,
                         steps=_STEPS.value, vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
                         variants=tuple(_VARIANTS.value), requests=_REQUESTS.value,
-                        output=_OUTPUT.value, slots=_SLOTS.value)
+                        output=_OUTPUT.value, slots=_SLOTS.value, draft=_DRAFT.value,
+                        draft_tokens=draft_tokens)
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:

@@ -60,11 +60,13 @@ class Result:
     return self.token_times[-1] - self.arrival if self.token_times else None
 
 
-def check(r: Request, vocab_size: int, room: int, bucket: Optional[int]) -> None:
+def check(r: Request, vocab_size: int, room: int, bucket: Optional[int],
+          entries_per_token: int = 1) -> None:
   """Raises ValueError naming the first field of `r` that cannot be served.
 
-  `room`: the most cache entries a request may use (its prompt's bucket plus its new tokens);
-  `bucket`: its prompt's bucket length (None: longer than every bucket).
+  `room`: the most cache entries a request may use (its prompt's bucket plus
+  `entries_per_token` per new token); `bucket`: its prompt's bucket length (None: longer than
+  every bucket).
   """
   def is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
@@ -76,10 +78,11 @@ def check(r: Request, vocab_size: int, room: int, bucket: Optional[int]) -> None
     raise ValueError(f'prompt token {bad[0]!r} is not an id in [0, {vocab_size})')
   if not is_int(r.max_new_tokens) or r.max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={r.max_new_tokens!r} must be an integer >= 1')
-  if bucket is None or bucket + r.max_new_tokens > room:
+  if bucket is None or bucket + entries_per_token * r.max_new_tokens > room:
+    per = f' x {entries_per_token} entries each' if entries_per_token > 1 else ''
     raise ValueError(f'a prompt of {len(prompt)} tokens (bucket {bucket or "none"}) plus '
-                     f'max_new_tokens={r.max_new_tokens} exceeds the {room} cache entries a '
-                     f'request may use')
+                     f'max_new_tokens={r.max_new_tokens}{per} exceeds the {room} cache entries '
+                     f'a request may use')
   if not isinstance(r.temperature, (int, float)) or not r.temperature >= 0:
     raise ValueError(f'temperature={r.temperature!r} must be a number >= 0')
   if not is_int(r.top_k) or r.top_k < 0:

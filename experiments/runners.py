@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from etils import epath
 
 from experiments import (benchmark, compare, decode_benchmark, distill, prune, quantize, runtime,
-                         saved, serve, train)
+                         saved, serve, serve_benchmark, trace_benchmark, train)
 from experiments.errors import UserError
 
 
@@ -31,9 +31,11 @@ class Flags:
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
   batch_sizes: tuple = (1, 8)          # decode_benchmark: rows decoded together
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
-  requests: str = ''       # serve: the JSONL file of requests
+  requests: str = ''       # serve: the JSONL file of requests; trace_benchmark: a trace
   output: str = ''         # serve: where the JSONL results go
-  slots: int = 8           # serve: requests decoded together
+  slots: int = 8           # serve, trace_benchmark: requests decoded together
+  draft: str = ''          # serve, serve_benchmark: a draft run's workdir (speculative decoding)
+  draft_tokens: tuple = (4,)   # serve: proposals per pass; serve_benchmark: the k values timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +89,17 @@ def _decode_benchmark(config, workdir, flags: Flags):
 
 
 def _serve(config, workdir, flags: Flags):
-  return serve.run(config, workdir, flags.requests, flags.output, flags.slots)
+  return serve.run(config, workdir, flags.requests, flags.output, flags.slots, flags.draft,
+                   flags.draft_tokens)
+
+
+def _serve_benchmark(config, workdir, flags: Flags):
+  return serve_benchmark.run(config, workdir, flags.draft, flags.draft_tokens,
+                             flags.batch_sizes, flags.steps)
+
+
+def _trace_benchmark(config, workdir, flags: Flags):
+  return trace_benchmark.run(config, workdir, flags.requests, flags.slots)
 
 
 def _compare(config, workdir, flags: Flags):
@@ -119,7 +131,15 @@ RUNNERS = {
                                needs_workdir=False, distributed=False),
     'serve': Runner(_serve, 'serves a JSONL file of --requests from the newest checkpoint '
                     'through the engine into --output (read-only)',
-                    flags=('requests', 'output', 'slots'), distributed=False),
+                    flags=('requests', 'output', 'slots', 'draft', 'draft_tokens'),
+                    distributed=False),
+    'serve_benchmark': Runner(_serve_benchmark, 'times the engine on a trained run with and '
+                              'without a --draft, for each of --draft_tokens and --batch_sizes '
+                              '(read-only)', flags=('draft', 'draft_tokens', 'batch_sizes',
+                                                    'steps'), distributed=False),
+    'trace_benchmark': Runner(_trace_benchmark, 'replays a request trace (--requests, or a '
+                              'synthetic one) through the engine and through static batching '
+                              '(read-only)', flags=('requests', 'slots'), distributed=False),
 }
 
 
@@ -136,7 +156,7 @@ def check_flags(name: str, flags: Flags, workdir) -> None:
     value = getattr(flags, field.name)
     if field.name not in runner.flags and value != field.default:
       users = [n for n, r in RUNNERS.items() if field.name in r.flags]
-      shown = ','.join(value) if isinstance(value, tuple) else value
+      shown = ','.join(map(str, value)) if isinstance(value, tuple) else value
       modes = [f'--mode={n}' for n in users]
       listed = ' and '.join([', '.join(modes[:-1]), modes[-1]] if len(modes) > 1 else modes)
       raise UserError(f'--{field.name}={shown} applies to {listed} only')

@@ -3,6 +3,11 @@
   python -m experiments.main --mode=serve --config=experiments/configs/shakespeare.py \
       --workdir=runs/shakespeare --requests=requests.jsonl --output=outputs.jsonl --slots=8
 
+With `--draft=<a run's workdir>` (a trained or distilled run on the same tokenizer, e.g. a
+`--mode=distill` student's <workdir>/students/<variant>) each decode step is a speculative pass
+of `--draft_tokens` proposals (`models.speculative`): the same greedy tokens, the target's
+distribution when sampled, fewer target passes.
+
 Each input line is one JSON object: the fields of `experiments.requests.Request`, with the
 prompt given as token ids (`prompt`) or as text (`text`, encoded with the run's tokenizer after
 its BOS id). Without `stop_tokens` a request stops at the tokenizer's EOS id. Each output line
@@ -16,7 +21,7 @@ import json
 
 from etils import epath
 
-from experiments import runtime, validate
+from experiments import runtime, source, validate
 from experiments import workdir as workdir_lib
 from experiments.engine import Engine
 from experiments.errors import UserError
@@ -51,7 +56,30 @@ def read_requests(path, tokenizer) -> list:
   return out
 
 
-def run(config, workdir, requests: str, output: str, slots: int) -> str:
+def load_draft(draft_dir: str, tokenizer) -> tuple:
+  """(model, params) of the draft run in `draft_dir`, checked to share the target's tokenizer."""
+  path = epath.Path(draft_dir)
+  if not (path / 'config.json').is_file():
+    raise UserError(f'--draft={draft_dir} has no config.json: point it at a training run or a '
+                    f'distilled student')
+  config = source.source_config(path)
+  _, model, draft_tokenizer, params, _ = runtime.load_served(config, path)
+  if runtime.tokenizer_sha256(draft_tokenizer) != runtime.tokenizer_sha256(tokenizer):
+    raise UserError(f'--draft={draft_dir} uses another tokenizer than the served run; a draft '
+                    f'must propose the same ids')
+  return model, params
+
+
+def one_draft_tokens(draft_tokens) -> int:
+  """The single k of `--draft_tokens` that serving takes."""
+  if len(draft_tokens) != 1 or draft_tokens[0] < 1:
+    raise UserError(f'--draft_tokens={",".join(map(str, draft_tokens))} must be one integer '
+                    f'>= 1 for --mode=serve')
+  return draft_tokens[0]
+
+
+def run(config, workdir, requests: str, output: str, slots: int, draft: str = '',
+        draft_tokens=(4,)) -> str:
   """Serves the `requests` JSONL file with the newest checkpoint; writes `output`; returns a
   one-line summary."""
   if not requests or not output:
@@ -63,9 +91,14 @@ def run(config, workdir, requests: str, output: str, slots: int) -> str:
     raise UserError(f'--output={output} is the requests file; give another path')
   if slots < 1:
     raise UserError(f'--slots={slots} must be at least 1')
+  k = one_draft_tokens(draft_tokens)
   validate.check(config, workdir, 'sample')
   _, model, tokenizer, params, _ = runtime.load_served(config, workdir)
-  engine = Engine(model, params, slots=slots, pad_id=tokenizer.pad_id)
+  drafted = dict(draft=load_draft(draft, tokenizer), draft_tokens=k) if draft else {}
+  try:
+    engine = Engine(model, params, slots=slots, pad_id=tokenizer.pad_id, **drafted)
+  except ValueError as e:
+    raise UserError(f'--draft={draft}: {e}') from None
   # Each input line keeps its place: an engine id, or the error that kept it from the engine.
   placed = [item if isinstance(item, tuple) else engine.submit(item)
             for item in read_requests(src, tokenizer)]
@@ -82,5 +115,7 @@ def run(config, workdir, requests: str, output: str, slots: int) -> str:
   workdir_lib.write_text(dst, ''.join(json.dumps(line) + '\n' for line in lines))
   errors = sum(line['finish_reason'] == 'error' for line in lines)
   made = sum(len(line['tokens']) for line in lines)
+  rate = engine.acceptance_rate()
+  kept = '' if rate is None else f', {100 * rate:.0f}% of draft tokens kept'
   return (f'served {len(lines) - errors} of {len(lines)} requests ({errors} errors), {made} '
-          f'tokens, {engine.compiles()} compiled programs: {output}')
+          f'tokens, {engine.compiles()} compiled programs{kept}: {output}')

@@ -248,19 +248,27 @@ class Attention(nn.Module):
     else:
       cache_k, cache_v = kv
       mask = cache_mask(geo, cfg.sliding_window)
-      one = x_BxLxD.shape[1] == 1 and geo.write_slots.shape[0] == 1
-      if one:
-        # A decode step writes first and then reads: XLA updates the cache in place only when
-        # no read of the old buffer follows the write (else it copies the whole cache). The
-        # slot just written is masked out of the cached keys, so what is attended is the same.
+      length, n_slots = x_BxLxD.shape[1], cache_k.shape[-3]
+      # Writing first is safe where the slots written hold nothing the chunk attends to: one
+      # token, or a ring with room for the window besides the chunk (full attention: the
+      # caller keeps the ring longer than what is live).
+      whole = geo.write_slots.shape[0] == length and (
+          length == 1 or cfg.sliding_window is None
+          or n_slots >= cfg.sliding_window + length - 1)
+      if whole:
+        # A decode step or short chunk writes first and then reads: XLA updates the cache in
+        # place only when no read of the old buffer follows the write (else it copies the whole
+        # cache per layer, which dominates a decode step or a speculative verify chunk). The
+        # slots just written are masked out of the cached keys, so what is attended is the same.
         cache_k = write_cache(cache_k, k_BxLxKxH, geo.write_slots)
         cache_v = write_cache(cache_v, v_BxLxKxH, geo.write_slots)
-        mask = mask & (jnp.arange(mask.shape[-1]) != geo.write_slots[0])[None, None, None]
+        written = jnp.zeros(mask.shape[-1], bool).at[geo.write_slots].set(True)
+        mask = mask & ~written[None, None, None]
       # The chunk attends to its own keys and values as computed; only the cached ones pass
       # through the cache's storage (and so its rounding).
       out_BxLxNxH = attend(q_BxLxNxH, read_cache(cache_k, dtype), read_cache(cache_v, dtype),
                            mask, extra=(k_BxLxKxH, v_BxLxKxH))
-      if one:
+      if whole:
         new_kv = (cache_k, cache_v)
       else:
         new_kv = (write_cache(cache_k, k_BxLxKxH, geo.write_slots),

@@ -22,16 +22,12 @@ import jax.numpy as jnp
 from models.attention import init_cache
 
 
-def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
-                top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-  """One token per row, each row with its own sampling parameters.
-
-  Greedy where temperature is 0; else softmax(logits / T) restricted to the row's top k tokens
-  (k = 0: all) and then to the smallest prefix of those whose mass reaches top_p (1: all), the
-  same filters as `models.decode.sample_logits`, drawn with the row's own key.
-  """
+def filter_rows(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                top_p_B: jax.Array) -> jax.Array:
+  """Each row's logits / T with tokens outside its top k (k = 0: all) and then outside the
+  smallest prefix of those whose mass reaches top_p (1: all) set to -inf: the filters of
+  `models.decode.sample_logits`, each row with its own parameters (T = 0 rows are scaled by 1)."""
   v = logits_BxV.shape[-1]
-  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   t_B = jnp.where(temperature_B > 0, temperature_B, 1.0).astype(jnp.float32)
   scaled_BxV = logits_BxV.astype(jnp.float32) / t_B[:, None]
   sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
@@ -46,7 +42,18 @@ def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Arr
   cutoff_Bx1 = jnp.min(jnp.where(drop_BxV | ~kept_BxV, jnp.inf, sorted_BxV), axis=-1,
                        keepdims=True)
   threshold_Bx1 = jnp.maximum(kth_Bx1, cutoff_Bx1)
-  filtered_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+  return jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+  """One token per row, each row with its own sampling parameters.
+
+  Greedy where temperature is 0; else drawn with the row's own key from the softmax of
+  `filter_rows` (temperature, then top k, then top p).
+  """
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  filtered_BxV = filter_rows(logits_BxV, temperature_B, top_k_B, top_p_B)
   sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
   return jnp.where(temperature_B > 0, sampled_B, greedy_B)
 

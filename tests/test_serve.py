@@ -72,5 +72,37 @@ def test_serve_refuses_bad_flags_in_one_line_and_writes_nothing(source, data_dir
 
 
 def test_only_serve_takes_requests_output_and_slots():
-  with pytest.raises(UserError, match='--slots=4 applies to --mode=serve only'):
+  with pytest.raises(UserError, match='--slots=4 applies to --mode=serve and '
+                                      '--mode=trace_benchmark only'):
     runners.check_flags('sample', runners.Flags(slots=4), 'w')
+
+
+def test_serve_with_a_draft_makes_the_same_tokens_and_reports_acceptance(source, data_dir,
+                                                                         tmp_path):
+  # The run as its own draft: every proposal is the target's token, so all are kept.
+  config = tiny_config(data_dir)
+  requests, plain, drafted = (tmp_path / n for n in ('requests.jsonl', 'plain.jsonl',
+                                                     'drafted.jsonl'))
+  requests.write_text(''.join(json.dumps(dict(text=t, max_new_tokens=9)) + '\n'
+                              for t in ('ROMEO:', 'KING HENRY:', 'O')))
+  runners.run('serve', config, source, requests=str(requests), output=str(plain), slots=2)
+  text = runners.run('serve', config, source, requests=str(requests), output=str(drafted),
+                     slots=2, draft=str(source), draft_tokens=(3,))
+  assert '100% of draft tokens kept' in text
+  tokens = lambda p: [json.loads(line)['tokens'] for line in p.read_text().splitlines()]
+  assert tokens(drafted) == tokens(plain)
+  with pytest.raises(UserError, match='--draft=.* has no config.json'):
+    runners.run('serve', config, source, requests=str(requests), output=str(tmp_path / 'x'),
+                slots=2, draft=str(tmp_path))
+  with pytest.raises(UserError, match='--draft_tokens=2,3 must be one integer'):
+    runners.run('serve', config, source, requests=str(requests), output=str(tmp_path / 'x'),
+                slots=2, draft=str(source), draft_tokens=(2, 3))
+  assert not (tmp_path / 'x').exists()
+
+
+def test_serve_benchmark_times_plain_draft_and_speculative_engines(source, data_dir):
+  table = runners.run('serve_benchmark', tiny_config(data_dir), source, draft=str(source),
+                      draft_tokens=(2,), batch_sizes=(1, 2), steps=4)
+  rows = [line.split(' | ') for line in table.splitlines() if line.startswith('| k=2')]
+  assert len(rows) == 2 and all(r[2] == '100%' and r[-1] == '2/2 |' for r in rows)
+  assert '| plain | 1 |' in table and '| draft alone | 2 |' in table and '| 2 | ' in table
