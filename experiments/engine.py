@@ -49,6 +49,7 @@ class _Entry:
   seq: int                       # arrival order, kept through preemption
   slot: Optional[int] = None
   saved: Optional[tuple] = None  # host copies of its cache entries (target, draft) while out
+  span: int = 0                  # cache entries from its first one to the shared index
 
 
 def default_buckets(max_len: int) -> tuple:
@@ -276,6 +277,7 @@ class Engine:
                                             np.int32(i))
       self._tok[entry.slot] = first[i]
       self._pos[entry.slot] = len(entry.request.prompt)
+      entry.span = bucket
       self._emit(entry, int(first[i]), events)
 
   def _decode(self, events: list) -> None:
@@ -289,8 +291,10 @@ class Engine:
       return self._speculate(live, _sampling(requests), count, _all_greedy(entries), events)
     new, self.cache = slots_lib.step(self.params, self.cache, self._tok, self._pos, live,
                                      _sampling(requests), count, model=self.model,
-                                     greedy=_all_greedy(entries))
+                                     greedy=_all_greedy(entries), window=self._window(0, 1))
     self.index += 1
+    for entry in entries:
+      entry.span += 1
     new = np.asarray(new)
     for slot, entry in sorted(self._running.items()):
       self._tok[slot] = new[slot]
@@ -301,9 +305,13 @@ class Engine:
     k = self.draft_tokens
     tokens, made, self.cache, self.draft_cache = speculative.speculate(
         self.params, self.cache, self.draft_params, self.draft_cache, self._tok, self._pos,
-        live, sampling, count, model=self.model, draft=self.draft, k=k, greedy=greedy)
-    self.index += k + 1
+        live, sampling, count, model=self.model, draft=self.draft, k=k, greedy=greedy,
+        window=self._window(k, k + 1))
     tokens, made = np.asarray(tokens), np.asarray(made)
+    moved = int(made[live].max())   # the pass moves the index past the most any slot made
+    self.index += moved
+    for entry in self._running.values():
+      entry.span += moved
     self.stats['passes'] += 1
     for slot, entry in sorted(self._running.items()):
       self.stats['slot_passes'] += 1
@@ -315,6 +323,16 @@ class Engine:
           break
       self._tok[slot] = entry.result.tokens[-1]
       self._pos[slot] += made[slot]
+
+  def _window(self, ahead: int, written: int) -> Optional[int]:
+    """The cache entries a step reads: every live request's span (plus the `ahead` entries a
+    pass writes before its last read), rounded up to 2^n or 1.5 x 2^n (at least 16) so that
+    few programs are compiled and at most a third more is read than needed; None (all
+    entries) where that leaves no room for the `written` ones."""
+    need = max(16, max(e.span for e in self._running.values()) + ahead)
+    power = 1 << (need - 1).bit_length()
+    window = power * 3 // 4 if power * 3 // 4 >= need else power
+    return None if window + written > self.cache['pos'].shape[1] else window
 
   def acceptance_rate(self) -> Optional[float]:
     """The share of proposed draft tokens the target kept so far (None before any pass)."""

@@ -2,7 +2,8 @@
 
 Serves the openings of the same eval-split rows (as many as the largest batch size, `PROMPT`
 tokens each, `--steps` new tokens, greedy, no stop tokens) through the engine with `b` slots for
-each `b` of `--batch_sizes` (batch 1: one request after another): plain, the
+each `b` of `--batch_sizes` (batch 1: one request after another): plain, plain with an int8 KV
+cache (its bytes and how many requests keep the float cache's tokens), the
 draft alone (its own decode speed, the measure of how much cheaper it is), and speculative with
 the draft for each k of `--draft_tokens`. The settings are timed in alternating rounds after a
 warm-up run that compiles them (median over rounds), so a slow spell of the machine hits all
@@ -25,7 +26,7 @@ from experiments import data, runtime, serve, validate
 from experiments.engine import Engine
 from experiments.errors import UserError
 from experiments.requests import Request
-from models.attention import init_cache
+from models.attention import cache_bytes, init_cache
 
 ROUNDS = 3
 PROMPT = 16
@@ -58,6 +59,8 @@ def run(config, workdir, draft: str, draft_tokens, batch_sizes, n_steps: int) ->
               for i, p in enumerate(prompts(config, tokenizer, max(batch_sizes)))]
   for b in batch_sizes:
     engines = {'plain': Engine(model, params, slots=b, max_len=max_len, buckets=(PROMPT,)),
+               'plain, int8 cache': Engine(model, params, slots=b, max_len=max_len,
+                                           buckets=(PROMPT,), kv_cache_dtype='int8'),
                'draft alone': Engine(draft_model, draft_params, slots=b, max_len=max_len,
                                      buckets=(PROMPT,))}
     for k in draft_tokens:
@@ -77,7 +80,9 @@ def run(config, workdir, draft: str, draft_tokens, batch_sizes, n_steps: int) ->
       per_pass = 1 + e.stats['accepted'] / e.stats['slot_passes'] if e.stats['passes'] else 1.0
       same = sum(a == p for a, p in zip(outputs[name], outputs['plain']))
       n_tokens = len(requests) * n_steps
-      rows.append(f'| {name} | {b} | {"" if rate is None else f"{100 * rate:.0f}%"} | '
+      cache = e.cache_bytes() + (0 if e.draft_cache is None else cache_bytes(e.draft_cache))
+      rows.append(f'| {name} | {b} | {cache / 2**20:.3g} | '
+                  f'{"" if rate is None else f"{100 * rate:.0f}%"} | '
                   f'{per_pass:.2f} | {1e3 * t / n_tokens:.3f} | {n_tokens / t:,.1f} | '
                   f'{base / t:.2f}x | {"" if name == "draft alone" else f"{same}/{len(requests)}"} |')
   cfg, dcfg = model.config, draft_model.config
@@ -88,8 +93,9 @@ def run(config, workdir, draft: str, draft_tokens, batch_sizes, n_steps: int) ->
           f'{jax.devices()[0].device_kind} ({jax.default_backend()}), median of {ROUNDS} '
           f'alternating rounds; the last column counts the requests whose tokens equal the plain '
           f'engine\'s.', '',
-          '| engine | slots | draft tokens kept | tokens per slot and pass | ms per token '
-          '| tokens/s | vs plain | same tokens |', '|---|---|---|---|---|---|---|---|']
+          '| engine | slots | KV cache MiB | draft tokens kept | tokens per slot and pass '
+          '| ms per token | tokens/s | vs plain | same tokens |',
+          '|---|---|---|---|---|---|---|---|---|']
   chunks = ['', f'Target forward over a chunk of j tokens against a {max_len}-entry cache, '
             f'relative to one token (median of {CHUNK_REPEATS}):', '',
             '| batch | ' + ' | '.join(f'j={j}' for j in range(1, max(draft_tokens) + 2)) + ' |',

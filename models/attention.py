@@ -25,6 +25,7 @@ class Geometry(NamedTuple):
   k_pos: Optional[jax.Array] = None  # [B, S] with a cache: the cached slots, then the chunk
   k_seg: Optional[jax.Array] = None  # [B, S] with a cache
   write_slots: Optional[jax.Array] = None  # [n] cache slots receiving the chunk's last n tokens
+  read_slots: Optional[jax.Array] = None   # [W] the cache slots read (None: all of them)
 
 
 def rope(x_BxLxNxH: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
@@ -253,7 +254,7 @@ class Attention(nn.Module):
       # token, or a ring with room for the window besides the chunk (full attention: the
       # caller keeps the ring longer than what is live).
       whole = geo.write_slots.shape[0] == length and (
-          length == 1 or cfg.sliding_window is None
+          length == 1 or cfg.sliding_window is None or geo.read_slots is not None
           or n_slots >= cfg.sliding_window + length - 1)
       if whole:
         # A decode step or short chunk writes first and then reads: XLA updates the cache in
@@ -262,11 +263,15 @@ class Attention(nn.Module):
         # slots just written are masked out of the cached keys, so what is attended is the same.
         cache_k = write_cache(cache_k, k_BxLxKxH, geo.write_slots)
         cache_v = write_cache(cache_v, v_BxLxKxH, geo.write_slots)
-        written = jnp.zeros(mask.shape[-1], bool).at[geo.write_slots].set(True)
-        mask = mask & ~written[None, None, None]
+        if geo.read_slots is None:   # a window never holds the slots written
+          written = jnp.zeros(mask.shape[-1], bool).at[geo.write_slots].set(True)
+          mask = mask & ~written[None, None, None]
       # The chunk attends to its own keys and values as computed; only the cached ones pass
       # through the cache's storage (and so its rounding).
-      out_BxLxNxH = attend(q_BxLxNxH, read_cache(cache_k, dtype), read_cache(cache_v, dtype),
+      read_k, read_v = cache_k, cache_v
+      if geo.read_slots is not None:
+        read_k, read_v = (jnp.take(c, geo.read_slots, axis=-3) for c in (cache_k, cache_v))
+      out_BxLxNxH = attend(q_BxLxNxH, read_cache(read_k, dtype), read_cache(read_v, dtype),
                            mask, extra=(k_BxLxKxH, v_BxLxKxH))
       if whole:
         new_kv = (cache_k, cache_v)

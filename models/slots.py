@@ -10,8 +10,8 @@ would alone; a request that has been swapped out resumes in any slot by rotating
 the new index.
 
 Every program is jitted once per shape: `prefill` and `insert` once per prompt bucket, `step`
-once (twice with sampling: greedy rows skip the sort that top-k and top-p need), `extract` and
-`restore` once.
+once per read window (a power of two: the entries live requests span; twice with sampling,
+since greedy rows skip the sort that top-k and top-p need), `extract` and `restore` once.
 """
 
 import functools
@@ -113,16 +113,19 @@ def first_tokens(logits_BxV, sampling: dict, *, greedy: bool):
   return choose(logits_BxV, sampling, jnp.zeros(logits_BxV.shape[:1], jnp.int32), greedy)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'greedy'), donate_argnames=('cache',))
+@functools.partial(jax.jit, static_argnames=('model', 'greedy', 'window'),
+                   donate_argnames=('cache',))
 def step(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
-         greedy: bool):
+         greedy: bool, window=None):
   """One decode step for every slot: (next token per slot [B], the cache after writing).
 
   `tok_B` are the slots' last tokens at positions `pos_B`; `count_B` how many each request has
-  made (its next token's key); slots where `live_B` is False write an empty entry.
+  made (its next token's key); slots where `live_B` is False write an empty entry. `window`:
+  the entries before the index that hold everything the live slots attend to (None: all).
   """
   logits_Bx1xV, cache = model.apply({'params': params}, tok_B[:, None], positions=pos_B[:, None],
-                                    segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache)
+                                    segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache,
+                                    cache_window=window)
   return choose(logits_Bx1xV[:, 0], sampling, count_B, greedy), cache
 
 

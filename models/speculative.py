@@ -14,10 +14,12 @@ request's temperature, top-k and top-p filters, applied to both models alike); a
 (one-hot p and q) keeps the proposals that equal the target's argmax and so makes the target's
 greedy tokens.
 
-Both caches advance k + 1 entries per pass, all slots together (they share one write index);
-the entries of rejected proposals are marked empty (segment 0), so what a slot attends to is
-exactly its accepted tokens. A request therefore uses up to k + 1 cache entries per token it
-makes, which the engine checks when it is submitted.
+Both caches write k + 1 entries per pass, all slots together (they share one write index); the
+entries of rejected proposals are marked empty (segment 0), so what a slot attends to is
+exactly its accepted tokens, and the index then moves on by one more than the most proposals
+any live slot kept. A request therefore uses up to k + 1 cache entries per token it makes
+(when another slot keeps all of its proposals and it keeps none), which the engine checks
+when it is submitted.
 """
 
 import functools
@@ -62,15 +64,17 @@ def accept(p_BxJxV: jax.Array, q_BxKxV: jax.Array, drafts_BxK: jax.Array,
   return kept_B, next_B.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'draft', 'k', 'greedy'),
+@functools.partial(jax.jit, static_argnames=('model', 'draft', 'k', 'greedy', 'window'),
                    donate_argnames=('cache', 'draft_cache'))
 def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B, live_B,
-              sampling: dict, count_B, *, model, draft, k: int, greedy: bool):
+              sampling: dict, count_B, *, model, draft, k: int, greedy: bool, window=None):
   """One speculative pass for every slot.
 
   Returns (tokens [B, k + 1], made per slot [B] in [1, k + 1], cache, draft_cache): slot b's new
   tokens are tokens[b, :made[b]]. Inputs are those of `models.slots.step`; `draft` and
-  `draft_params` are the draft model, `draft_cache` its slots (same index as `cache`).
+  `draft_params` are the draft model, `draft_cache` its slots (same index as `cache`);
+  `window` (None: all) the entries before the index that every read of the pass needs: the
+  slots' spans plus k, since draft step j reads j entries further on.
   """
   seg_Bx1 = live_B.astype(jnp.int32)[:, None]
   keys_B = None if greedy else request_keys(sampling['seed'], count_B)
@@ -81,7 +85,8 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
   for j in range(k + 1):
     logits_Bx1xV, draft_cache = draft.apply({'params': draft_params}, tok_in_B[:, None],
                                             positions=(pos_B + j)[:, None],
-                                            segment_ids=seg_Bx1, cache=draft_cache)
+                                            segment_ids=seg_Bx1, cache=draft_cache,
+                                            cache_window=window)
     if j == k:
       break
     logits_BxV = logits_Bx1xV[:, 0]
@@ -97,7 +102,8 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
   chunk_BxJ = jnp.concatenate([tok_B[:, None], drafts_BxK], axis=1)
   logits_BxJxV, cache = model.apply({'params': params}, chunk_BxJ,
                                     positions=pos_B[:, None] + jnp.arange(k + 1)[None, :],
-                                    segment_ids=jnp.repeat(seg_Bx1, k + 1, axis=1), cache=cache)
+                                    segment_ids=jnp.repeat(seg_Bx1, k + 1, axis=1), cache=cache,
+                                    cache_window=window)
   if greedy:
     target_BxJ = jnp.argmax(logits_BxJxV, axis=-1).astype(jnp.int32)
     kept_B = jnp.sum(jnp.cumprod(drafts_BxK == target_BxJ[:, :k], axis=1), axis=1)
@@ -113,9 +119,13 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
   steps_J = jnp.arange(k + 1)
   drafts_BxJ = jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], axis=1)
   tokens_BxJ = jnp.where(steps_J[None, :] < kept_B[:, None], drafts_BxJ, next_B[:, None])
-  # Entry j of this pass holds chunk token j: the last token and proposals 1..kept stay.
+  # Entry j of this pass holds chunk token j: the last token and proposals 1..kept stay. The
+  # index moves past the most any live slot kept, so the next pass overwrites what no slot
+  # kept (a single slot leaves no gaps at all).
   slots_J = (index + steps_J) % n_slots
   rejected_BxJ = steps_J[None, :] > kept_B[:, None]
-  drop = lambda c: dict(c, seg=c['seg'].at[:, slots_J].set(
+  end = index + 1 + jnp.max(jnp.where(live_B, kept_B, 0))
+  drop = lambda c: dict(c, index=end, seg=c['seg'].at[:, slots_J].set(
       jnp.where(rejected_BxJ, 0, c['seg'][:, slots_J])))
   return tokens_BxJ, kept_B + 1, drop(cache), drop(draft_cache)
+

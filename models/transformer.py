@@ -63,7 +63,10 @@ class Transformer(nn.Module):
 
   `__call__(tokens, positions=None, segment_ids=None, cache=None)` returns float32 logits
   [batch, length, vocab]; with a cache (see `models.attention.init_cache`) it returns
-  `(logits, new_cache)` after appending the chunk to the cache.
+  `(logits, new_cache)` after appending the chunk to the cache. With `cache_window=W` the
+  chunk reads only the W cache entries just before the index: the caller guarantees that all
+  it may attend lies there (the serving engine tracks its requests' spans), and a decode step
+  then reads W entries instead of the whole cache.
 
   Parameters: `embed`, `pos_embed` (learned positions), `blocks_{i}` for each of the
   `n_unique_layers` blocks (or one stacked `blocks` under `scan_layers`), `final_norm`,
@@ -76,7 +79,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, positions: Optional[jax.Array] = None,
-               segment_ids: Optional[jax.Array] = None, cache: Optional[dict] = None):
+               segment_ids: Optional[jax.Array] = None, cache: Optional[dict] = None,
+               cache_window: Optional[int] = None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, length = tokens_BxL.shape
@@ -92,7 +96,7 @@ class Transformer(nn.Module):
                                 cfg.init_std, name='pos_embed')(positions)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
-    geo, new_cache = _geometry(positions, segment_ids, cache, length)
+    geo, new_cache = _geometry(positions, segment_ids, cache, length, cache_window)
     x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxLxD)
@@ -126,7 +130,7 @@ class Transformer(nn.Module):
     return x_BxLxD, new_cache
 
 
-def _geometry(pos_BxL, segment_ids, cache, length):
+def _geometry(pos_BxL, segment_ids, cache, length, window=None):
   """Builds the attention geometry and the cache's new bookkeeping (positions, segments, index)."""
   if cache is None:
     return Geometry(pos_BxL, segment_ids), None
@@ -134,8 +138,13 @@ def _geometry(pos_BxL, segment_ids, cache, length):
   seg_BxL = jnp.ones_like(pos_BxL) if segment_ids is None else segment_ids
   n = min(length, n_slots)   # the chunk's last n tokens are written to the cache
   slots = (cache['index'] + (length - n) + jnp.arange(n)) % n_slots
-  geo = Geometry(pos_BxL, seg_BxL, jnp.concatenate([cache['pos'], pos_BxL], axis=1),
-                 jnp.concatenate([cache['seg'], seg_BxL], axis=1), slots)
+  read, cached_pos, cached_seg = None, cache['pos'], cache['seg']
+  # A window that leaves room for the chunk: the entries read and written are disjoint.
+  if window is not None and window + n <= n_slots:
+    read = (cache['index'] - window + jnp.arange(window)) % n_slots
+    cached_pos, cached_seg = cache['pos'][:, read], cache['seg'][:, read]
+  geo = Geometry(pos_BxL, seg_BxL, jnp.concatenate([cached_pos, pos_BxL], axis=1),
+                 jnp.concatenate([cached_seg, seg_BxL], axis=1), slots, read)
   new_cache = dict(cache, pos=cache['pos'].at[:, slots].set(pos_BxL[:, length - n:]),
                    seg=cache['seg'].at[:, slots].set(seg_BxL[:, length - n:]),
                    index=cache['index'] + length)

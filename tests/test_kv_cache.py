@@ -180,3 +180,25 @@ def test_a_bad_kv_cache_dtype_is_one_clear_error():
     with pytest.raises(ValueError, match=f"kv_cache_dtype='int4' {allowed}") as e:
       call()
     assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('chunk', [1, 3])
+def test_a_cache_window_covering_what_is_live_reads_the_same(chunk):
+  # Tokens written at the ring's index 40..51 of 64 entries (older entries empty), read through
+  # a 16-entry window or the whole cache: the same logits. A window of 4 misses live entries.
+  model = Transformer(CONFIGS['mqa_scan'])
+  params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))['params'])
+  # Positions default to the cache index: 40 onwards.
+  run = jax.jit(lambda tokens, cache, window: model.apply(
+      {'params': params}, tokens, cache=cache, cache_window=window), static_argnums=2)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, 61, (2, 12)), jnp.int32)
+  out = {}
+  for window in (None, 16, 4):
+    cache = dict(attention.init_cache(model.config, 2, 64), index=jnp.asarray(40, jnp.int32))
+    pieces = []
+    for start in range(0, 12, chunk):
+      logits, cache = run(tokens[:, start:start + chunk], cache, window)
+      pieces.append(logits)
+    out[window] = np.asarray(jnp.concatenate(pieces, axis=1))
+  np.testing.assert_allclose(out[16], out[None], atol=1e-5, rtol=1e-5)
+  assert np.abs(out[4] - out[None]).max() > 1e-2

@@ -104,5 +104,9 @@ def test_serve_benchmark_times_plain_draft_and_speculative_engines(source, data_
   table = runners.run('serve_benchmark', tiny_config(data_dir), source, draft=str(source),
                       draft_tokens=(2,), batch_sizes=(1, 2), steps=4)
   rows = [line.split(' | ') for line in table.splitlines() if line.startswith('| k=2')]
-  assert len(rows) == 2 and all(r[2] == '100%' and r[-1] == '2/2 |' for r in rows)
+  assert len(rows) == 2 and all(r[3] == '100%' and r[-1] == '2/2 |' for r in rows)
   assert '| plain | 1 |' in table and '| draft alone | 2 |' in table and '| 2 | ' in table
+  # The int8 cache holds a quarter of the float32 bytes, plus its scales and bookkeeping.
+  mib = {r[0][2:]: float(r[2]) for r in (line.split(' | ') for line in table.splitlines())
+         if r[0] in ('| plain', '| plain, int8 cache') and r[1] == '2'}
+  assert 0.25 < mib['plain, int8 cache'] / mib['plain'] < 0.5
