@@ -4,7 +4,9 @@
 latest checkpoint), eval, sample (--prompt; with --variant, both read a variant --mode=quantize
 saved), prune and quantize (experiments/configs/prune.py and quantize.py configs), benchmark,
 compare (against the PyTorch peer) and decode_benchmark (no workdir), serve (--requests,
---output, --slots: a JSONL file of requests through the serving engine). Bad input and run-level
+--output, --slots, --draft: a JSONL file of requests through the serving engine),
+serve_benchmark (speculative decoding), trace_benchmark (the engine vs static batching on a
+request trace) and exit_benchmark (early exit on a run trained with exits). Bad input and run-level
 failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
 starts over in a workdir whose run has another configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
@@ -38,7 +40,8 @@ _VARIANT = flags.DEFINE_string('variant', '', 'eval, sample: a variant that --mo
                                'in --workdir, e.g. rtn:int4:g128 (--config: that run\'s '
                                'quantization config).')
 _STEPS = flags.DEFINE_integer('steps', runners.Flags.steps,
-                              'benchmark: timed steps (after one compile + warmup step).')
+                              'benchmark: timed steps (after one compile + warmup step); '
+                              'serve_benchmark, exit_benchmark: new tokens per request.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 0, 'benchmark: vocabulary (0: 259 bytes, or '
                               'data.vocab_size for SentencePiece).')
 _REMAT = flags.DEFINE_list('remat', [], 'benchmark: remat policies to compare (default: the '
@@ -46,7 +49,8 @@ _REMAT = flags.DEFINE_list('remat', [], 'benchmark: remat policies to compare (d
 _PEERS = flags.DEFINE_list('peers', list(runners.Flags.peers), 'compare: PyTorch peer modes '
                            '(eager, compile).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', list(map(str, runners.Flags.batch_sizes)),
-                                 'decode_benchmark: rows decoded together, e.g. 1,8.')
+                                 'decode_benchmark, serve_benchmark, exit_benchmark: rows '
+                                 'decoded together, e.g. 1,8.')
 _VARIANTS = flags.DEFINE_list('variants', list(runners.Flags.variants),
                               'decode_benchmark: float and round-to-nearest quantization specs '
                               '(experiments/quantize.py), e.g. float,rtn:int8,rtn:int4:g128.')

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import (benchmark, compare, decode_benchmark, distill, prune, quantize, runtime,
-                         saved, serve, serve_benchmark, trace_benchmark, train)
+from experiments import (benchmark, compare, decode_benchmark, distill, exit_benchmark, prune,
+                         quantize, runtime, saved, serve, serve_benchmark, trace_benchmark,
+                         train)
 from experiments.errors import UserError
 
 
@@ -25,11 +26,11 @@ class Flags:
   resume: str = 'auto'     # train: auto, new or params (see train.train_and_evaluate)
   prompt: str = ''         # sample: the text to continue
   variant: str = ''        # eval, sample: a variant --mode=quantize saved in the workdir
-  steps: int = 10          # benchmark: timed steps
+  steps: int = 10          # benchmark: timed steps; serve/exit_benchmark: new tokens
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
-  batch_sizes: tuple = (1, 8)          # decode_benchmark: rows decoded together
+  batch_sizes: tuple = (1, 8)          # decode/serve/exit_benchmark: rows decoded together
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
   requests: str = ''       # serve: the JSONL file of requests; trace_benchmark: a trace
   output: str = ''         # serve: where the JSONL results go
@@ -98,6 +99,10 @@ def _serve_benchmark(config, workdir, flags: Flags):
                              flags.batch_sizes, flags.steps)
 
 
+def _exit_benchmark(config, workdir, flags: Flags):
+  return exit_benchmark.run(config, workdir, flags.batch_sizes, flags.steps)
+
+
 def _trace_benchmark(config, workdir, flags: Flags):
   return trace_benchmark.run(config, workdir, flags.requests, flags.slots)
 
@@ -137,6 +142,9 @@ RUNNERS = {
                               'without a --draft, for each of --draft_tokens and --batch_sizes '
                               '(read-only)', flags=('draft', 'draft_tokens', 'batch_sizes',
                                                     'steps'), distributed=False),
+    'exit_benchmark': Runner(_exit_benchmark, 'times early-exit decoding of a run trained with '
+                             'exits at each threshold, with its agreement and validation loss '
+                             '(read-only)', flags=('batch_sizes', 'steps'), distributed=False),
     'trace_benchmark': Runner(_trace_benchmark, 'replays a request trace (--requests, or a '
                               'synthetic one) through the engine and through static batching '
                               '(read-only)', flags=('requests', 'slots'), distributed=False),

@@ -20,7 +20,8 @@ import optax
 from flax import traverse_util
 from flax.training import train_state
 
-from compression import distill, low_precision, qat, schedules
+from compression import distill, early_exit, low_precision, qat, schedules
+from compression.early_exit import token_losses   # the one cross-entropy, shared with the exits
 from models import ModelConfig, Transformer, layouts, moe
 from models.transformer import attention_maps, block_outputs, capture_filter
 
@@ -88,14 +89,6 @@ def state_init_fn(model: Transformer, tx, seq_len: int, loss=None):
 def init_state(model: Transformer, tx, seed: int, seq_len: int, loss=None) -> TrainState:
   """An unsharded train state on the default device (tests, benchmarks)."""
   return nn.meta.unbox(state_init_fn(model, tx, seq_len, loss)(jax.random.key(seed)))
-
-
-def token_losses(logits_BxLxV, targets_BxL, z_loss: float):
-  """Cross-entropy per token and the z-loss term z_loss * logsumexp^2."""
-  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  ce_BxL = lse_BxL - target_logit_BxL
-  return ce_BxL, z_loss * jnp.square(lse_BxL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +167,19 @@ def low_precision_spec(config) -> Optional[low_precision.Spec]:
                             history=lp.history, include=lp.include or None)
 
 
+def exit_layers(text: str) -> tuple:
+  """The layer indices of `config.early_exit.layers` ('0,2': exits after layers 0 and 2)."""
+  return tuple(int(x) for x in text.split(',')) if text else ()
+
+
 def training_loss(model: Transformer, config, base=None):
-  """The loss a run of `config` trains: `base` (default: the LM loss), quantization-aware
-  (`config.qat`) or with low-precision dots (`config.low_precision`) as the config says."""
+  """The loss a run of `config` trains: `base` (default: the LM loss), with early-exit heads
+  trained beside it (`config.early_exit`), quantization-aware (`config.qat`) or with
+  low-precision dots (`config.low_precision`) as the config says."""
   base = base if base is not None else lm_loss(model, config.optimizer.z_loss)
+  ee = config.get('early_exit')
+  if ee is not None and ee.layers:
+    base = early_exit.loss(base, early_exit.Spec(exit_layers(ee.layers), ee.weight))
   if qat_spec(config) is not None:
     return qat_loss(model, config, base)
   spec = low_precision_spec(config)

@@ -21,6 +21,7 @@ from experiments import data, steps
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 from models import Transformer, axes, layouts
+from models import early_exit as early_exit_model
 
 POSITIVE = ('num_train_steps', 'batch_size', 'grad_accum_steps', 'eval_batch_size', 'log_every',
             'eval_every', 'checkpoint_every', 'keep_checkpoints', 'max_nonfinite_steps')
@@ -92,6 +93,7 @@ def check_fields(config) -> None:
   _check_pruning(config, model_cfg)
   _check_qat(config, model_cfg)
   _check_low_precision(config, model_cfg)
+  _check_early_exit(config, model_cfg)
 
 
 def _check_optimizer(opt) -> None:
@@ -179,6 +181,24 @@ def _check_low_precision(config, model_cfg) -> None:
   _check_on_model('low_precision', lp, lambda shapes: low_precision.check(
       shapes, steps.low_precision_spec(config), layouts.of_config(model_cfg), model_cfg),
                   model_cfg)
+
+
+def _check_early_exit(config, model_cfg) -> None:
+  ee = config.get('early_exit')
+  if ee is None or ee.layers == '':
+    return
+  try:
+    layers = steps.exit_layers(ee.layers)
+  except ValueError:
+    _bad('early_exit.layers', ee.layers, 'is not a comma-separated list of layer indices')
+  try:
+    early_exit_model.check_exits(model_cfg, layers)
+  except ValueError as e:
+    _bad('early_exit.layers', ee.layers, str(e))
+  if model_cfg.scan_layers:
+    _bad('early_exit.layers', ee.layers, 'needs unrolled layers (model.scan_layers=False)')
+  if not isinstance(ee.weight, (int, float)) or isinstance(ee.weight, bool) or ee.weight <= 0:
+    _bad('early_exit.weight', ee.weight, 'must be a number > 0')
 
 
 def _check_on_model(name: str, section, check, model_cfg) -> None:

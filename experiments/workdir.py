@@ -98,6 +98,8 @@ def signature(config, tokenizer_sha256=None) -> dict:
     out['qat'] = config.qat.to_dict()
   if config.get('low_precision') and config.low_precision.format:   # how its dots were rounded
     out['low_precision'] = config.low_precision.to_dict()
+  if config.get('early_exit') and config.early_exit.layers:   # what its exits were trained for
+    out['early_exit'] = config.early_exit.to_dict()
   return out
 
 

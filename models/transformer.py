@@ -96,7 +96,7 @@ class Transformer(nn.Module):
                                 cfg.init_std, name='pos_embed')(positions)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
-    geo, new_cache = _geometry(positions, segment_ids, cache, length, cache_window)
+    geo, new_cache = geometry(positions, segment_ids, cache, length, cache_window)
     x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxLxD)
@@ -130,8 +130,9 @@ class Transformer(nn.Module):
     return x_BxLxD, new_cache
 
 
-def _geometry(pos_BxL, segment_ids, cache, length, window=None):
-  """Builds the attention geometry and the cache's new bookkeeping (positions, segments, index)."""
+def geometry(pos_BxL, segment_ids, cache, length, window=None):
+  """The attention geometry of a chunk of `length` tokens and the cache's new bookkeeping
+  (positions, segments, index); shared by every layer of one call."""
   if cache is None:
     return Geometry(pos_BxL, segment_ids), None
   n_slots = cache['pos'].shape[1]

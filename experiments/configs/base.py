@@ -91,6 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.low_precision.include = ''      # regex over weight paths ('' : all but embeddings/head/
                                          # routers)
 
+  # Early-exit training (compression/early_exit.py): these layers' outputs, read through the
+  # final norm and head, get their own next-token loss, so decoding may stop there when
+  # confident (models/early_exit.py).
+  config.early_exit = ml_collections.ConfigDict()
+  config.early_exit.layers = ''          # '': off; e.g. '0,1,2' (exits after those layers)
+  config.early_exit.weight = 1.0         # total += weight * the exits' mean cross-entropy
+
   config.sample = ml_collections.ConfigDict()
   config.sample.num_prompts = 2          # held-out openings continued at each evaluation
   config.sample.prompt_chars = 64        # characters of each opening used as the prompt

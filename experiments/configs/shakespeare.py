@@ -4,7 +4,8 @@ Command:
   python -m experiments.main --config=experiments/configs/shakespeare.py --workdir=runs/shakespeare
 Variants: `:bytes` (byte-level tokenizer, same budget), `:moe` (8 experts, 2 active per token,
 as many active parameters as the dense model), `:teacher` (6 layers, 2000 steps: a teacher for
-distillation; 1.3061 nats/byte, 2026-11-25, its wall time not measured alone), `:tiny` and
+distillation; 1.3061 nats/byte, 2026-11-25, its wall time not measured alone), `:exits` (exit
+losses after layers 1-3 for early-exit decoding, models/early_exit.py), `:tiny` and
 `:moe_tiny` (seconds; used by tests).
 Result (2-core CPU development machine, 2026-11-24): 7 min 8 s wall for the whole command
 (8 min 51 s before the CPU step work of issue 12, same machine and day), validation loss 1.459
@@ -40,6 +41,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.checkpoint_every = 250
     config.optimizer.warmup_steps = 100
     config.model.n_layers = 6
+  elif arg == 'exits':   # the default model with exits after layers 1-3 trained beside it
+    config.early_exit.layers = '0,1,2'
   elif arg == 'moe_tiny':
     config = get_config('tiny')
     config.model.update(n_experts=4, experts_per_token=2, moe_d_ff=32)
@@ -59,5 +62,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.sample.max_new_tokens = 16
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of shakespeare.py; known: bytes, moe, teacher, '
-                     f'tiny, moe_tiny')
+                     f'exits, tiny, moe_tiny')
   return config
