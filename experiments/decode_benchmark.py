@@ -3,15 +3,23 @@
 Times `models.decode.generate` (greedy, a short random prompt, `--steps` new tokens per row) for
 the config's model with random weights, as float and as each quantized variant of
 `--variants` (round-to-nearest specs of experiments/quantize.py, e.g. rtn:int8, rtn:int4:g128,
-rtn:w8a8), at each batch size of `--batch_sizes`. Variants are timed in alternating rounds
-(median over rounds), so a slow spell of the machine hits all of them alike. Decoding a batch
-of a few rows reads every weight once per token: its speed is the weight bytes' speed.
+rtn:w8a8), at each batch size of `--batch_sizes`. Two more variants serve the float weights
+otherwise: `engine` (the serving engine, `experiments/engine.py`, with one slot per row) and
+`transformers` (the model exported with `models.hf.save_pretrained` and decoded by Hugging
+Face `generate`, greedy, in torch on the CPU: a test dependency). Variants are timed in
+alternating rounds (median over rounds), so a slow spell of the machine hits all of them alike,
+and each one's tokens are compared with float `generate`'s. Decoding a batch of a few rows
+reads every weight once per token: its speed is the weight bytes' speed, and the table's
+roofline is the float weights' bytes over the machine's read bandwidth (measured in the same
+run by summing a large array).
 
   python -m experiments.main --mode=decode_benchmark --config=experiments/configs/shakespeare.py \
       --config.model.d_model=1024 --config.model.n_layers=8 --config.model.d_ff=4096 \
       --variants=float,rtn:int8,rtn:int4:g128 --batch_sizes=1,8 --steps=32
 """
 
+import functools
+import tempfile
 import time
 
 import flax.linen as nn
@@ -22,7 +30,9 @@ import numpy as np
 from compression import quantize as quantize_lib
 from experiments import benchmark, quantize, steps
 from experiments.errors import UserError
-from models import Transformer, decode
+from experiments.engine import Engine
+from experiments.requests import Request
+from models import Transformer, decode, hf
 
 ROUNDS = 3
 PROMPT = 8
@@ -41,6 +51,48 @@ def _tree(spec: str, model, params):
     raise UserError(f'--variants: {spec!r}: {e}') from None
 
 
+SERVED = ('engine', 'transformers')   # variants that serve the float weights another way
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+  """Bytes per second this machine reads: the best of `repeats` jitted sums of a large array."""
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  jax.block_until_ready(total(x))
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(total(x))
+    best = min(best, time.perf_counter() - t0)
+  return n_bytes / best
+
+
+def _engine_gen(model, params, prompts, n_steps):
+  engine = Engine(model, params, slots=len(prompts), max_len=PROMPT + n_steps,
+                  buckets=(PROMPT,))
+  requests = [Request(prompt=p, max_new_tokens=n_steps, id=str(i)) for i, p in enumerate(prompts)]
+
+  def gen():
+    results = engine.run(requests)
+    engine.results.clear()
+    return np.array([results[str(i)].tokens for i in range(len(prompts))])
+  return gen
+
+
+def _transformers_gen(path, prompts, n_steps):
+  import torch          # test dependencies: imported only when this variant is asked for
+  import transformers
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+  ids = torch.tensor(prompts, dtype=torch.long)
+
+  def gen():
+    with torch.no_grad():
+      out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_steps,
+                        min_new_tokens=n_steps, do_sample=False, pad_token_id=0)
+    return out[:, PROMPT:].numpy()
+  return gen
+
+
 def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str:
   """Times every variant at every batch size; returns a markdown table."""
   vocab = benchmark.checked_vocab(config, n_steps, vocab_size)
@@ -50,31 +102,53 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
   model = Transformer(steps.model_config(config, vocab).replace(scan_layers=False))
   params = nn.meta.unbox(jax.jit(lambda k: model.init(
       k, jnp.zeros((1, PROMPT), jnp.int32))['params'])(jax.random.key(config.seed)))
-  trees = {v: _tree(v, model, params) for v in variants}
+  trees = {v: params if v in SERVED else _tree(v, model, params) for v in variants}
+  tmp = tempfile.TemporaryDirectory() if 'transformers' in variants else None
+  if tmp is not None:
+    hf.save_pretrained(model, params, tmp.name)
   rng = np.random.default_rng(0)
   times = {(v, b): [] for v in variants for b in batch_sizes}
+  same = {}
   for b in batch_sizes:
     prompts = rng.integers(1, vocab, (b, PROMPT)).tolist()
-    gen = lambda tree: decode.generate(model, tree, prompts, max_new_tokens=n_steps).tokens
+    gens = {}
+    for v in variants:
+      if v == 'engine':
+        gens[v] = _engine_gen(model, params, prompts, n_steps)
+      elif v == 'transformers':
+        gens[v] = _transformers_gen(tmp.name, prompts, n_steps)
+      else:
+        gens[v] = functools.partial(
+            lambda tree: np.asarray(decode.generate(model, tree, prompts,
+                                                    max_new_tokens=n_steps).tokens), trees[v])
+    reference = np.asarray(decode.generate(model, params, prompts, max_new_tokens=n_steps).tokens)
     for v in variants:   # compile and warm up
-      jax.block_until_ready(gen(trees[v]))
+      same[v, b] = int(np.sum(np.all(np.asarray(gens[v]()) == reference, axis=1)))
     for _ in range(ROUNDS):
       for v in variants:
         t0 = time.perf_counter()
-        jax.block_until_ready(gen(trees[v]))
+        jax.block_until_ready(gens[v]())
         times[v, b].append(time.perf_counter() - t0)
+  if tmp is not None:
+    tmp.cleanup()
+  bandwidth = read_bandwidth()
+  float_bytes = quantize_lib.weight_bytes(params)
   lines = [f'Decoding {n_steps} tokens after a {PROMPT}-token prompt, {model.config.n_layers} '
            f'layers x {model.config.d_model}, {_count(params) / 1e6:.0f}M parameters, '
            f'{jax.devices()[0].device_kind} ({jax.default_backend()}), median of {ROUNDS} '
-           f'alternating rounds.', '',
-           '| variant | weight MB | batch | ms per token step | tokens/s | vs float |',
-           '|---|---|---|---|---|---|']
+           f'alternating rounds. Read bandwidth {bandwidth / 1e9:.1f} GB/s: reading the float '
+           f'weights once per step allows at most {bandwidth / float_bytes:,.1f} steps/s '
+           f'(the roofline).', '',
+           '| variant | weight MB | batch | ms per token step | tokens/s | vs float | of roofline '
+           '| same tokens as float |', '|---|---|---|---|---|---|---|---|']
   for b in batch_sizes:
     base = np.median(times['float' if 'float' in variants else variants[0], b])
     for v in variants:
       t = float(np.median(times[v, b]))
+      roofline = (n_steps / t) / (bandwidth / float_bytes)
       lines.append(f'| {v} | {quantize_lib.weight_bytes(trees[v]) / 2**20:,.1f} | {b} | '
-                   f'{1e3 * t / n_steps:.2f} | {b * n_steps / t:,.1f} | {base / t:.2f}x |')
+                   f'{1e3 * t / n_steps:.2f} | {b * n_steps / t:,.1f} | {base / t:.2f}x | '
+                   f'{100 * roofline:.0f}% | {same[v, b]}/{b} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -5,9 +5,9 @@ latest checkpoint), eval, sample (--prompt; with --variant, both read a variant 
 saved), prune and quantize (experiments/configs/prune.py and quantize.py configs), benchmark,
 compare (against the PyTorch peer) and decode_benchmark (no workdir), serve (--requests,
 --output, --slots, --draft: a JSONL file of requests through the serving engine),
-serve_benchmark (speculative decoding), trace_benchmark (the engine vs static batching on a
-request trace) and exit_benchmark (early exit on a run trained with exits). Bad input and run-level
-failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
+serve_benchmark (speculative decoding), cascade_benchmark (small model first),
+trace_benchmark (the engine vs static batching on a request trace) and exit_benchmark (early
+exit on a run trained with exits). Bad input and run-level failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
 starts over in a workdir whose run has another configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
 more is needed; elsewhere add --coordinator_address=HOST:PORT (process 0's) --num_processes=N
@@ -58,9 +58,11 @@ _REQUESTS = flags.DEFINE_string('requests', '', 'serve: a JSONL file of requests
                                 'trace_benchmark: a trace (requests with an arrival field).')
 _OUTPUT = flags.DEFINE_string('output', '', 'serve: the JSONL file the results are written to.')
 _SLOTS = flags.DEFINE_integer('slots', runners.Flags.slots,
-                              'serve, trace_benchmark: requests decoded together.')
+                              'serve, cascade_benchmark, trace_benchmark: requests decoded '
+                              'together.')
 _DRAFT = flags.DEFINE_string('draft', '', 'serve, serve_benchmark: the workdir of a draft run '
-                             '(same tokenizer) for speculative decoding.')
+                             '(same tokenizer) for speculative decoding; cascade_benchmark: '
+                             'the small model.')
 _DRAFT_TOKENS = flags.DEFINE_list('draft_tokens', list(map(str, runners.Flags.draft_tokens)),
                                   'serve: draft tokens proposed per pass; serve_benchmark: the '
                                   'values timed, e.g. 2,3,4,5,6.')

@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import (benchmark, compare, decode_benchmark, distill, exit_benchmark, prune,
-                         quantize, runtime, saved, serve, serve_benchmark, trace_benchmark,
-                         train)
+from experiments import (benchmark, cascade, compare, decode_benchmark, distill, exit_benchmark,
+                         prune, quantize, runtime, saved, serve, serve_benchmark,
+                         trace_benchmark, train)
 from experiments.errors import UserError
 
 
@@ -26,7 +26,7 @@ class Flags:
   resume: str = 'auto'     # train: auto, new or params (see train.train_and_evaluate)
   prompt: str = ''         # sample: the text to continue
   variant: str = ''        # eval, sample: a variant --mode=quantize saved in the workdir
-  steps: int = 10          # benchmark: timed steps; serve/exit_benchmark: new tokens
+  steps: int = 10          # benchmark: timed steps; serve/exit/cascade_benchmark: new tokens
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
@@ -34,8 +34,8 @@ class Flags:
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
   requests: str = ''       # serve: the JSONL file of requests; trace_benchmark: a trace
   output: str = ''         # serve: where the JSONL results go
-  slots: int = 8           # serve, trace_benchmark: requests decoded together
-  draft: str = ''          # serve, serve_benchmark: a draft run's workdir (speculative decoding)
+  slots: int = 8           # serve, cascade/trace_benchmark: requests decoded together
+  draft: str = ''          # serve, serve/cascade_benchmark: a draft (small) run's workdir
   draft_tokens: tuple = (4,)   # serve: proposals per pass; serve_benchmark: the k values timed
 
 
@@ -99,6 +99,10 @@ def _serve_benchmark(config, workdir, flags: Flags):
                              flags.batch_sizes, flags.steps)
 
 
+def _cascade_benchmark(config, workdir, flags: Flags):
+  return cascade.run(config, workdir, flags.draft, flags.slots, flags.steps)
+
+
 def _exit_benchmark(config, workdir, flags: Flags):
   return exit_benchmark.run(config, workdir, flags.batch_sizes, flags.steps)
 
@@ -145,6 +149,10 @@ RUNNERS = {
     'exit_benchmark': Runner(_exit_benchmark, 'times early-exit decoding of a run trained with '
                              'exits at each threshold, with its agreement and validation loss '
                              '(read-only)', flags=('batch_sizes', 'steps'), distributed=False),
+    'cascade_benchmark': Runner(_cascade_benchmark, 'serves eval prompts by a small --draft '
+                                'model, escalating unconfident answers to the full model, at '
+                                'each threshold (read-only)', flags=('draft', 'slots', 'steps'),
+                                distributed=False),
     'trace_benchmark': Runner(_trace_benchmark, 'replays a request trace (--requests, or a '
                               'synthetic one) through the engine and through static batching '
                               '(read-only)', flags=('requests', 'slots'), distributed=False),

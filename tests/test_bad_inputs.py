@@ -117,7 +117,7 @@ CASES = [
          '--prompt=hi applies to --mode=sample only'),
     case('flag-steps-not-benchmark', TRAIN + ['--steps=3'],
          '--steps=3 applies to --mode=benchmark, --mode=compare, --mode=decode_benchmark, '
-         '--mode=serve_benchmark and --mode=exit_benchmark only'),
+         '--mode=serve_benchmark, --mode=exit_benchmark and --mode=cascade_benchmark only'),
     case('flag-draft-not-serve', TRAIN + ['--draft_tokens=2,3'],
          '--draft_tokens=2,3 applies to --mode=serve and --mode=serve_benchmark only'),
     case('flag-no-workdir', TINY, 'workdir'),

@@ -89,9 +89,23 @@ def test_decode_benchmark_times_float_and_quantized_weights(data_dir):
   text = runners.run('decode_benchmark', tiny_config(data_dir), steps=3, batch_sizes=(2,),
                      variants=('float', 'rtn:int4:g16', 'rtn:w8a8'))
   rows = [l for l in text.splitlines() if l.startswith('| rtn') or l.startswith('| float')]
-  assert len(rows) == 3 and all(r.endswith('x |') for r in rows)
+  assert len(rows) == 3 and all(' | 2/2 |' in r or ' | 1/2 |' in r or ' | 0/2 |' in r
+                                for r in rows)
+  assert rows[0].endswith('| 2/2 |') and 'GB/s' in text
   with pytest.raises(UserError, match='needs calibration data'):
     decode_benchmark.run(tiny_config(data_dir), 3, (1,), ('float', 'gptq:int4'))
+
+
+def test_the_engine_and_transformers_decode_the_same_exported_model_side_by_side(data_dir):
+  # The tiny config unrolled and untied as a Llama checkpoint: all three make the same tokens.
+  config = tiny_config(data_dir)
+  text = runners.run('decode_benchmark', config, steps=4, batch_sizes=(1, 2),
+                     variants=('float', 'engine', 'transformers'))
+  rows = {tuple(c.strip() for c in l.split('|')[1:4:2]): l for l in text.splitlines()
+          if l.startswith('| float') or l.startswith('| engine') or l.startswith('| transf')}
+  assert set(rows) == {(v, b) for v in ('float', 'engine', 'transformers') for b in ('1', '2')}
+  for (v, b), line in rows.items():
+    assert line.endswith(f'| {b}/{b} |'), line
 
 
 def test_reading_through_a_float_cache_scores_as_the_full_forward(source, tmp_path):

@@ -72,8 +72,8 @@ def test_serve_refuses_bad_flags_in_one_line_and_writes_nothing(source, data_dir
 
 
 def test_only_serve_takes_requests_output_and_slots():
-  with pytest.raises(UserError, match='--slots=4 applies to --mode=serve and '
-                                      '--mode=trace_benchmark only'):
+  with pytest.raises(UserError, match='--slots=4 applies to --mode=serve, '
+                                      '--mode=cascade_benchmark and --mode=trace_benchmark only'):
     runners.check_flags('sample', runners.Flags(slots=4), 'w')
 
 
@@ -110,3 +110,18 @@ def test_serve_benchmark_times_plain_draft_and_speculative_engines(source, data_
   mib = {r[0][2:]: float(r[2]) for r in (line.split(' | ') for line in table.splitlines())
          if r[0] in ('| plain', '| plain, int8 cache') and r[1] == '2'}
   assert 0.25 < mib['plain, int8 cache'] / mib['plain'] < 0.5
+
+
+def test_the_cascade_escalates_by_confidence_and_the_full_model_alone_escalates_all(source,
+                                                                                   data_dir):
+  # The run as its own small model: every answer equals the full model's, escalated or not.
+  table = runners.run('cascade_benchmark', tiny_config(data_dir), source, draft=str(source),
+                      slots=4, steps=3)
+  rows = [[c.strip() for c in line.split('|')[1:-1]] for line in table.splitlines()
+          if line.startswith('| ') and (line[2].isdigit() or line.startswith('| full'))]
+  escalated = [int(r[1].split('/')[0]) for r in rows]
+  assert len(rows) == 5 and escalated[0] == 0 and escalated[-1] == 64
+  assert escalated == sorted(escalated)
+  assert all(r[4] == '64/64' for r in rows) and rows[-1][3] == '1.00x'
+  with pytest.raises(UserError, match='needs --draft'):
+    runners.run('cascade_benchmark', tiny_config(data_dir), source, slots=4, steps=3)
