@@ -4,7 +4,8 @@ Times `models.decode.generate` (greedy, a short random prompt, `--steps` new tok
 the config's model with random weights, as float and as each quantized variant of
 `--variants` (round-to-nearest specs of experiments/quantize.py, e.g. rtn:int8, rtn:int4:g128,
 rtn:w8a8), at each batch size of `--batch_sizes`. Two more variants serve the float weights
-otherwise: `engine` (the serving engine, `experiments/engine.py`, with one slot per row) and
+otherwise: `engine` (the serving engine, `experiments/engine.py`, with one slot per row;
+`engine:<n>` with n decode steps per call) and
 `transformers` (the model exported with `models.hf.save_pretrained` and decoded by Hugging
 Face `generate`, greedy, in torch on the CPU: a test dependency). Variants are timed in
 alternating rounds (median over rounds), so a slow spell of the machine hits all of them alike,
@@ -51,7 +52,9 @@ def _tree(spec: str, model, params):
     raise UserError(f'--variants: {spec!r}: {e}') from None
 
 
-SERVED = ('engine', 'transformers')   # variants that serve the float weights another way
+def _served(v: str) -> bool:
+  """Whether variant `v` serves the float weights another way (engine[:n], transformers)."""
+  return v in ('engine', 'transformers') or v.startswith('engine:')
 
 
 def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -67,9 +70,9 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
   return n_bytes / best
 
 
-def _engine_gen(model, params, prompts, n_steps):
-  engine = Engine(model, params, slots=len(prompts), max_len=PROMPT + n_steps,
-                  buckets=(PROMPT,))
+def _engine_gen(model, params, prompts, n_steps, per_call: int = 1):
+  engine = Engine(model, params, slots=len(prompts), max_len=PROMPT + n_steps + per_call - 1,
+                  buckets=(PROMPT,), steps_per_call=per_call)
   requests = [Request(prompt=p, max_new_tokens=n_steps, id=str(i)) for i, p in enumerate(prompts)]
 
   def gen():
@@ -102,7 +105,10 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
   model = Transformer(steps.model_config(config, vocab).replace(scan_layers=False))
   params = nn.meta.unbox(jax.jit(lambda k: model.init(
       k, jnp.zeros((1, PROMPT), jnp.int32))['params'])(jax.random.key(config.seed)))
-  trees = {v: params if v in SERVED else _tree(v, model, params) for v in variants}
+  for v in variants:
+    if v.startswith('engine:') and not (v[7:].isdigit() and int(v[7:]) >= 1):
+      raise UserError(f'--variants: {v!r} must be engine:<steps per call >= 1>')
+  trees = {v: params if _served(v) else _tree(v, model, params) for v in variants}
   tmp = tempfile.TemporaryDirectory() if 'transformers' in variants else None
   if tmp is not None:
     hf.save_pretrained(model, params, tmp.name)
@@ -113,8 +119,8 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
     prompts = rng.integers(1, vocab, (b, PROMPT)).tolist()
     gens = {}
     for v in variants:
-      if v == 'engine':
-        gens[v] = _engine_gen(model, params, prompts, n_steps)
+      if v == 'engine' or v.startswith('engine:'):
+        gens[v] = _engine_gen(model, params, prompts, n_steps, int(v[7:] or 1))
       elif v == 'transformers':
         gens[v] = _transformers_gen(tmp.name, prompts, n_steps)
       else:

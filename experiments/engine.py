@@ -75,12 +75,15 @@ class Engine:
     clock: the time source for the results' timestamps.
     draft: (model, params) of a draft model for speculative decoding (same vocabulary), or None.
     draft_tokens: proposals per speculative pass (k).
+    steps_per_call: decode steps run in one program between two admissions (1: admit and
+      stream every step). More steps spare the host's per-step work; a request that ends
+      mid-call wastes the rest of the call on its slot, and arrivals wait up to that long.
   """
 
   def __init__(self, model, params, *, slots: int = 8, max_len: Optional[int] = None,
                kv_cache_dtype: Optional[str] = None, buckets: Optional[Sequence[int]] = None,
                pad_id: int = 0, clock: Callable[[], float] = time.perf_counter,
-               draft: Optional[tuple] = None, draft_tokens: int = 4):
+               draft: Optional[tuple] = None, draft_tokens: int = 4, steps_per_call: int = 1):
     cfg = model.config
     max_len = cfg.max_len if max_len is None else max_len
     if slots < 1:
@@ -94,8 +97,14 @@ class Engine:
     self.storage = cache_storage(cfg, kv_cache_dtype)
     self.pad_id, self.clock = pad_id, clock
     self.cache = init_cache(cfg, slots, max_len, self.storage)
+    if not isinstance(steps_per_call, int) or steps_per_call < 1:
+      raise ValueError(f'steps_per_call={steps_per_call!r} must be an integer >= 1')
+    self.steps_per_call = steps_per_call
     self.draft, self.draft_tokens, self.draft_cache = None, 0, None
     if draft is not None:
+      if steps_per_call != 1:
+        raise ValueError(f'steps_per_call={steps_per_call} applies without a draft only (a '
+                         f'speculative pass is already several tokens)')
       self._init_draft(draft, draft_tokens)
     # Cache entries one new token may take: a speculative pass writes k + 1 for at least one.
     self.entries_per_token = self.draft_tokens + 1
@@ -167,10 +176,12 @@ class Engine:
     if isinstance(request, dict):
       request = Request.from_dict(request)
     request = dataclasses.replace(request, id=rid)
-    check(request, self.model.config.vocab_size, self.max_len, self.bucket(len(request.prompt)),
-          self.entries_per_token)
+    # A call of several steps may run its slot up to steps_per_call - 1 entries past the end.
+    overshoot = self.steps_per_call - 1
+    check(request, self.model.config.vocab_size, self.max_len - overshoot,
+          self.bucket(len(request.prompt)), self.entries_per_token)
     # A speculative pass scores positions up to k past the request's last token.
-    span = len(request.prompt) + request.max_new_tokens + self.draft_tokens
+    span = len(request.prompt) + request.max_new_tokens + self.draft_tokens + overshoot
     for m in (self.model, self.draft):
       if m is not None and m.config.position == 'learned' and span > m.config.max_len:
         raise ValueError(f'prompt of {len(request.prompt)} tokens plus max_new_tokens='
@@ -202,8 +213,8 @@ class Engine:
 
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
-    fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.first_tokens,
-           slots_lib.extract, slots_lib.restore, speculative.speculate)
+    fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.steps,
+           slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
   # --- one engine iteration ----------------------------------------------------------------
@@ -289,6 +300,8 @@ class Engine:
     entries = list(self._running.values())
     if self.draft is not None:
       return self._speculate(live, _sampling(requests), count, _all_greedy(entries), events)
+    if self.steps_per_call > 1:
+      return self._steps(live, _sampling(requests), count, _all_greedy(entries), events)
     new, self.cache = slots_lib.step(self.params, self.cache, self._tok, self._pos, live,
                                      _sampling(requests), count, model=self.model,
                                      greedy=_all_greedy(entries), window=self._window(0, 1))
@@ -300,6 +313,22 @@ class Engine:
       self._tok[slot] = new[slot]
       self._pos[slot] += 1
       self._emit(entry, int(new[slot]), events)
+
+  def _steps(self, live, sampling, count, greedy: bool, events: list) -> None:
+    n = self.steps_per_call
+    tokens, self.cache = slots_lib.steps(self.params, self.cache, self._tok, self._pos, live,
+                                         sampling, count, model=self.model, greedy=greedy,
+                                         window=self._window(n - 1, 1), n=n)
+    self.index += n
+    tokens = np.asarray(tokens)
+    for slot, entry in sorted(self._running.items()):
+      entry.span += n
+      for token in tokens[:, slot]:
+        self._emit(entry, int(token), events)
+        if entry.result.done:
+          break
+      self._tok[slot] = tokens[-1, slot]
+      self._pos[slot] += n
 
   def _speculate(self, live, sampling, count, greedy: bool, events: list) -> None:
     k = self.draft_tokens

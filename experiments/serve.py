@@ -3,6 +3,11 @@
   python -m experiments.main --mode=serve --config=experiments/configs/shakespeare.py \
       --workdir=runs/shakespeare --requests=requests.jsonl --output=outputs.jsonl --slots=8
 
+`--workdir` may also be a Hugging Face checkpoint directory (config.json with `architectures`,
+safetensors weights): the model is read by `models.hf.from_pretrained`, the tokenizer is the
+`tokenizer.model` (SentencePiece) beside it if there is one, and without one requests give
+token ids (`prompt`) and their own stop tokens. `--config` is then not read.
+
 With `--draft=<a run's workdir>` (a trained or distilled run on the same tokenizer, e.g. a
 `--mode=distill` student's <workdir>/students/<variant>) each decode step is a speculative pass
 of `--draft_tokens` proposals (`models.speculative`): the same greedy tokens, the target's
@@ -21,10 +26,11 @@ import json
 
 from etils import epath
 
-from experiments import runtime, source, validate
+from experiments import data, runtime, source, validate
 from experiments import workdir as workdir_lib
 from experiments.engine import Engine
 from experiments.errors import UserError
+from models import hf
 
 
 def read_requests(path, tokenizer) -> list:
@@ -47,18 +53,58 @@ def read_requests(path, tokenizer) -> list:
         out.append((str(d['id']), f'line {n} gives both prompt and text; give one'))
         continue
       text = d.pop('text')
+      if tokenizer is None:
+        out.append((str(d['id']), f'line {n}: text needs a tokenizer (a tokenizer.model beside '
+                                  f'the checkpoint); give the prompt as token ids'))
+        continue
       if not isinstance(text, str):
         out.append((str(d['id']), f'line {n}: text must be a string'))
         continue
       d['prompt'] = [tokenizer.bos_id] + tokenizer.encode(text)
-    d.setdefault('stop_tokens', [tokenizer.eos_id])
+    if tokenizer is not None:
+      d.setdefault('stop_tokens', [tokenizer.eos_id])
     out.append(d)
   return out
+
+
+def is_hf_checkpoint(path) -> bool:
+  """Whether `path` is a Hugging Face checkpoint directory (its config.json names
+  `architectures`), not a training run (whose config.json is the run's config)."""
+  file = epath.Path(path) / 'config.json'
+  try:
+    return file.is_file() and 'architectures' in json.loads(file.read_text())
+  except (json.JSONDecodeError, OSError):
+    return False
+
+
+def load_target(config, workdir) -> tuple:
+  """(model, tokenizer or None, params) of a training run or a Hugging Face checkpoint."""
+  if not is_hf_checkpoint(workdir):
+    validate.check(config, workdir, 'sample')
+    _, model, tokenizer, params, _ = runtime.load_served(config, workdir)
+    return model, tokenizer, params
+  try:
+    model, params = hf.from_pretrained(workdir)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise UserError(f'--workdir={workdir}: {e}') from None
+  tokenizer = None
+  spm = epath.Path(workdir) / 'tokenizer.model'
+  if spm.exists():
+    tokenizer = data.tokenizers.load_sentencepiece(spm)
+    if tokenizer is None:
+      raise UserError(f'{spm} is not a readable SentencePiece model')
+    if tokenizer.vocab_size > model.config.vocab_size:
+      raise UserError(f'{spm} has {tokenizer.vocab_size} ids, more than the checkpoint\'s '
+                      f'vocab_size={model.config.vocab_size}')
+  return model, tokenizer, params
 
 
 def load_draft(draft_dir: str, tokenizer) -> tuple:
   """(model, params) of the draft run in `draft_dir`, checked to share the target's tokenizer."""
   path = epath.Path(draft_dir)
+  if tokenizer is None:
+    raise UserError(f'--draft={draft_dir}: the served checkpoint has no tokenizer.model to '
+                    f'check that the draft proposes the same ids')
   if not (path / 'config.json').is_file():
     raise UserError(f'--draft={draft_dir} has no config.json: point it at a training run or a '
                     f'distilled student')
@@ -92,11 +138,11 @@ def run(config, workdir, requests: str, output: str, slots: int, draft: str = ''
   if slots < 1:
     raise UserError(f'--slots={slots} must be at least 1')
   k = one_draft_tokens(draft_tokens)
-  validate.check(config, workdir, 'sample')
-  _, model, tokenizer, params, _ = runtime.load_served(config, workdir)
+  model, tokenizer, params = load_target(config, workdir)
   drafted = dict(draft=load_draft(draft, tokenizer), draft_tokens=k) if draft else {}
   try:
-    engine = Engine(model, params, slots=slots, pad_id=tokenizer.pad_id, **drafted)
+    engine = Engine(model, params, slots=slots, pad_id=getattr(tokenizer, 'pad_id', 0),
+                    **drafted)
   except ValueError as e:
     raise UserError(f'--draft={draft}: {e}') from None
   # Each input line keeps its place: an engine id, or the error that kept it from the engine.
@@ -109,7 +155,8 @@ def run(config, workdir, requests: str, output: str, slots: int, draft: str = ''
       lines.append(dict(id=item[0], tokens=[], text='', finish_reason='error', error=item[1]))
       continue
     r = results[item]
-    lines.append(dict(id=item, tokens=r.tokens, text=tokenizer.decode(r.tokens),
+    text = tokenizer.decode(r.tokens) if tokenizer is not None else ''
+    lines.append(dict(id=item, tokens=r.tokens, text=text,
                       finish_reason=r.finish_reason, error=r.error, ttft=r.ttft,
                       latency=r.latency, preemptions=r.preemptions))
   workdir_lib.write_text(dst, ''.join(json.dumps(line) + '\n' for line in lines))

@@ -7,10 +7,12 @@ the eval split's rows (at most a row), token limits drawn from 8-128, a fifth of
 
 Both systems replay the trace on the wall clock with `--slots` rows, after unmeasured replays
 that compile the shapes they meet (repeated until one compiles nothing):
-  - the engine: requests are submitted as they arrive, the engine steps while any is live;
+  - the engine: requests are submitted as they arrive, the engine steps while any is live
+    (with 1 and with 4 decode steps per call, PER_CALL);
   - static batching: whenever the model is free, the waiting requests (up to `--slots`, in
-    arrival order) are padded into one batch and decoded by `decode.generate` until the
-    longest of them is done; a request's tokens are ready when its batch ends.
+    arrival order) are padded into one batch of `--slots` rows and decoded by
+    `decode.generate` until the longest of them is done; a request's tokens are ready when its
+    batch ends.
 Reported per system and priority: tokens/s (all tokens over first arrival to last finish), p50
 and p99 time to first token and latency, the engine's median inter-token gap, and how many
 requests' tokens equal the other system's.
@@ -36,7 +38,8 @@ TRACE_REQUESTS = 256
 RATE = 100.0                     # mean arrivals per second: more than either system serves here
 LIMITS = (8, 16, 32, 64, 128)    # token limits, drawn uniformly
 MAX_PROMPT = 64
-WARMUPS = 4                      # unmeasured replays at most, until one compiles nothing
+PER_CALL = (1, 4)                # the engine's decode steps per call: both are measured
+WARMUPS = 6                      # unmeasured replays at most, until one compiles nothing
 
 
 def synthetic_trace(config, tokenizer, n: int = TRACE_REQUESTS, seed: int = 0) -> list:
@@ -104,7 +107,9 @@ def replay_static(model, params, trace: list, slots: int, pad_id: int) -> tuple:
     for x in batch:
       pending.remove(x)
     requests = [r for _, r in batch]
-    gen = decode.generate(model, params, [list(r.prompt) for r in requests],
+    # A static batch has a fixed number of rows: missing ones repeat the first prompt.
+    rows = [list(r.prompt) for r in requests] + [list(requests[0].prompt)] * (slots - len(batch))
+    gen = decode.generate(model, params, rows,
                           max_new_tokens=max(r.max_new_tokens for r in requests), pad_id=pad_id)
     tokens = np.asarray(gen.tokens)
     end = time.perf_counter()
@@ -132,45 +137,51 @@ def run(config, workdir, requests: str, slots: int) -> str:
   trace = read_trace(requests) if requests else synthetic_trace(config, tokenizer)
   if not trace:
     raise UserError(f'--requests={requests} holds no requests')
-  engine = Engine(model, params, slots=slots, pad_id=tokenizer.pad_id,
-                  max_len=min(model.config.max_len, 256))
-  refused = [(r.id, engine.refusal(r)) for _, r in trace if engine.refusal(r)]
+  engines = {n: Engine(model, params, slots=slots, pad_id=tokenizer.pad_id,
+                       max_len=min(model.config.max_len, 256 + n - 1), steps_per_call=n)
+             for n in PER_CALL}
+  refused = [(r.id, engines[1].refusal(r)) for _, r in trace if engines[1].refusal(r)]
   if refused:
     raise UserError(f'request {refused[0][0]} (of {len(refused)} refused) cannot be served: '
                     f'{refused[0][1]}')
-  static_compiles = decode._generate._cache_size
+  compiles = lambda: (engines[1].compiles(), decode._generate._cache_size())
+  replay_all = lambda: ([replay_engine(engines[n], trace) for n in PER_CALL],
+                        replay_static(model, params, trace, slots, tokenizer.pad_id))
   # Which shapes a replay meets depends on timing: warm up until a replay compiles nothing.
   for _ in range(WARMUPS):
-    before = engine.compiles(), static_compiles()
-    replay_engine(engine, trace)
-    replay_static(model, params, trace, slots, tokenizer.pad_id)
-    if (engine.compiles(), static_compiles()) == before:
+    before = compiles()
+    replay_all()
+    if compiles() == before:
       break
-  before = engine.compiles(), static_compiles()
-  t_engine, served = replay_engine(engine, trace)
-  t_static, static = replay_static(model, params, trace, slots, tokenizer.pad_id)
-  compiled = (engine.compiles() - before[0], static_compiles() - before[1])
+  before = compiles()
+  served, (t_static, static) = replay_all()
+  compiled = [a - b for a, b in zip(compiles(), before)]
   priority = {r.id: r.priority for _, r in trace}
-  same = sum(served[i].tokens == static[i][2] for i in served)
-  engine_rows = {i: (r.arrival, r.token_times, r.tokens) for i, r in served.items()}
-  static_rows = {i: (a, [end] * len(toks), toks) for i, (a, end, toks) in static.items()}
+  systems = [(f'engine, {n} step{"s" if n > 1 else ""} per call', t0,
+              {i: (r.arrival, r.token_times, r.tokens) for i, r in results.items()})
+             for n, (t0, results) in zip(PER_CALL, served)]
+  systems.append(('static', t_static,
+                  {i: (a, [end] * len(toks), toks) for i, (a, end, toks) in static.items()}))
+  same = sum(all(rows[i][2] == static[i][2] for _, _, rows in systems) for i in static)
   lines = [f'{len(trace)} requests replayed on {workdir} ({model.config.n_layers} layers x '
            f'{model.config.d_model}) with {slots} slots, {jax.devices()[0].device_kind} '
            f'({jax.default_backend()}); greedy; {same}/{len(trace)} requests made the same '
-           f'tokens in both systems; programs compiled during the measured replays: engine '
+           f'tokens in every system; programs compiled during the measured replays: engines '
            f'{compiled[0]}, static {compiled[1]}. Times in ms; static batching\'s tokens are '
-           f'ready when its batch ends, so its first token comes with its last.', '',
+           f'ready when its batch ends, so its first token comes with its last. Inter-token: '
+           f'the median over requests of their mean gap between tokens.', '',
            '| system | priority | requests | tokens/s | TTFT p50 | TTFT p99 | latency p50 | '
-           'latency p99 | inter-token p50 |', '|---|---|---|---|---|---|---|---|---|']
-  for name, t0, rows in (('engine', t_engine, engine_rows), ('static', t_static, static_rows)):
+           'latency p99 | inter-token |', '|---|---|---|---|---|---|---|---|---|']
+  for name, t0, rows in systems:
     total = sum(len(toks) for _, _, toks in rows.values())
     span = max(times[-1] for _, times, _ in rows.values()) - t0
     for p in [None] + sorted(set(priority.values())):
       picked = [v for i, v in rows.items() if p is None or priority[i] == p]
       ttft = [1e3 * (times[0] - a) for a, times, _ in picked]
       lat = [1e3 * (times[-1] - a) for a, times, _ in picked]
-      gaps = [1e3 * g for _, times, _ in picked for g in np.diff(times)]
-      itl = f'{np.median(gaps):.2f}' if name == 'engine' and gaps else 'n/a'
+      gaps = [1e3 * (times[-1] - times[0]) / (len(times) - 1) for _, times, _ in picked
+              if len(times) > 1]
+      itl = f'{np.median(gaps):.2f}' if name != 'static' and gaps else 'n/a'
       rate = f'{total / span:,.0f}' if p is None else ''
       lines.append(f'| {name} | {"all" if p is None else p} | {len(picked)} | {rate} | '
                    f'{np.percentile(ttft, 50):.0f} | {np.percentile(ttft, 99):.0f} | '

@@ -11,7 +11,8 @@ the new index.
 
 Every program is jitted once per shape: `prefill` and `insert` once per prompt bucket, `step`
 once per read window (a power of two: the entries live requests span; twice with sampling,
-since greedy rows skip the sort that top-k and top-p need), `extract` and `restore` once.
+since greedy rows skip the sort that top-k and top-p need), `steps` (several decode steps in
+one program) likewise, `extract` and `restore` once.
 """
 
 import functools
@@ -127,6 +128,21 @@ def step(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, 
                                     segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache,
                                     cache_window=window)
   return choose(logits_Bx1xV[:, 0], sampling, count_B, greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'greedy', 'window', 'n'),
+                   donate_argnames=('cache',))
+def steps(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
+          greedy: bool, window=None, n: int = 2):
+  """`n` decode steps in one program, each `step`'s: (tokens [n, B], the cache). `window`
+  must cover the slots' spans plus n - 1 (step i reads i entries further on)."""
+  def one(carry, i):
+    cache, tok_B = carry
+    new_B, cache = step(params, cache, tok_B, pos_B + i, live_B, sampling,
+                        count_B + i, model=model, greedy=greedy, window=window)
+    return (cache, new_B), new_B
+  (cache, _), tokens_NxB = jax.lax.scan(one, (cache, tok_B), jnp.arange(n))
+  return tokens_NxB, cache
 
 
 @jax.jit

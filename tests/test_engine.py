@@ -265,3 +265,23 @@ def test_cache_bytes_of_an_int8_engine():
   assert f32 == 4 * entries + bookkeeping
   assert int8 == entries + entries // cfg.head_dim * attention.SCALE_BYTES + bookkeeping
   assert default_buckets(32) == (8, 16, 32) and default_buckets(100) == (8, 16, 32, 64, 100)
+
+
+@pytest.mark.parametrize('name', ['llama_gqa', 'gpt2_scan'])
+def test_several_steps_per_call_make_the_same_tokens(name):
+  # Greedy: each request as `generate` makes it alone. Sampled: the same draws as one step per
+  # call, since a token's key is its request's seed and count wherever it is made.
+  model, params = build(name)
+  requests = random_requests(7, seed=11, priorities=(0, 1))
+  arrivals = np.random.default_rng(3).integers(0, 10, len(requests)).tolist()
+  engine = Engine(model, params, slots=3, max_len=40, steps_per_call=4)
+  results = serve(engine, requests, arrivals)
+  for r in requests:
+    assert results[r.id].tokens == expected(name, r), r.id
+  hot = [dataclasses.replace(r, temperature=0.9, top_k=10, seed=i, id=f'hot{i}')
+         for i, r in enumerate(requests)]
+  one = Engine(model, params, slots=3, max_len=40).run(hot)
+  four = Engine(model, params, slots=3, max_len=40, steps_per_call=4).run(hot)
+  assert {k: v.tokens for k, v in four.items()} == {k: v.tokens for k, v in one.items()}
+  with pytest.raises(ValueError, match='steps_per_call=0 must be an integer >= 1'):
+    Engine(model, params, slots=2, max_len=40, steps_per_call=0)

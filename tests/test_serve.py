@@ -125,3 +125,27 @@ def test_the_cascade_escalates_by_confidence_and_the_full_model_alone_escalates_
   assert all(r[4] == '64/64' for r in rows) and rows[-1][3] == '1.00x'
   with pytest.raises(UserError, match='needs --draft'):
     runners.run('cascade_benchmark', tiny_config(data_dir), source, slots=4, steps=3)
+
+
+def test_serve_reads_a_hugging_face_checkpoint_directory(data_dir, tmp_path):
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from models import ModelConfig, Transformer, hf
+  cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                    init_std=0.2, max_len=128)
+  model = Transformer(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))['params'])
+  ckpt = tmp_path / 'hf'
+  hf.save_pretrained(model, params, ckpt)
+  requests, output = tmp_path / 'requests.jsonl', tmp_path / 'out.jsonl'
+  requests.write_text(json.dumps(dict(prompt=[5, 6, 7], max_new_tokens=6, id='ids')) + '\n'
+                      + json.dumps(dict(text='ROMEO:', max_new_tokens=3, id='text')) + '\n')
+  text = runners.run('serve', tiny_config(data_dir), ckpt, requests=str(requests),
+                     output=str(output), slots=2)
+  assert text.startswith('served 1 of 2 requests (1 errors)')
+  got = {g['id']: g for g in map(json.loads, output.read_text().splitlines())}
+  loaded, loaded_params = hf.from_pretrained(ckpt)
+  want = decode.generate(loaded, loaded_params, [[5, 6, 7]], max_new_tokens=6).tokens
+  assert got['ids']['tokens'] == np.asarray(want[0]).tolist()
+  assert 'text needs a tokenizer' in got['text']['error']
