@@ -50,6 +50,7 @@ class _Entry:
   slot: Optional[int] = None
   saved: Optional[tuple] = None  # host copies of its cache entries (target, draft) while out
   span: int = 0                  # cache entries from its first one to the shared index
+  carry: int = -1                # speculative: its slot's carry while swapped out
 
 
 def default_buckets(max_len: int) -> tuple:
@@ -118,6 +119,7 @@ class Engine:
     # Per-slot decode inputs, kept on the host and sent with each step.
     self._tok = np.zeros(slots, np.int32)
     self._pos = np.zeros(slots, np.int32)
+    self._carry = np.full(slots, -1, np.int32)   # speculative: a kept proposal the draft owes
 
   def _init_draft(self, draft, k: int) -> None:
     if not (isinstance(draft, (tuple, list)) and len(draft) == 2):
@@ -247,6 +249,7 @@ class Engine:
       self.cache = slots_lib.restore(self.cache, entry.saved[0], row)
       if self.draft is not None:
         self.draft_cache = slots_lib.restore(self.draft_cache, entry.saved[1], row)
+        self._carry[entry.slot] = entry.carry
       entry.saved = None
       # The next decode input: its last token, at the position after its prompt and tokens.
       self._tok[entry.slot] = entry.result.tokens[-1]
@@ -259,6 +262,7 @@ class Engine:
   def _preempt(self, entry: _Entry) -> int:
     slot = entry.slot
     row = np.int32(slot)
+    entry.carry = int(self._carry[slot])
     entry.saved = jax.device_get((
         slots_lib.extract(self.cache, row),
         None if self.draft is None else slots_lib.extract(self.draft_cache, row)))
@@ -288,6 +292,7 @@ class Engine:
                                             np.int32(i))
       self._tok[entry.slot] = first[i]
       self._pos[entry.slot] = len(entry.request.prompt)
+      self._carry[entry.slot] = -1
       entry.span = bucket
       self._emit(entry, int(first[i]), events)
 
@@ -334,10 +339,10 @@ class Engine:
     k = self.draft_tokens
     tokens, made, self.cache, self.draft_cache = speculative.speculate(
         self.params, self.cache, self.draft_params, self.draft_cache, self._tok, self._pos,
-        live, sampling, count, model=self.model, draft=self.draft, k=k, greedy=greedy,
-        window=self._window(k, k + 1))
+        live, self._carry, sampling, count, model=self.model, draft=self.draft, k=k,
+        greedy=greedy, window=self._window(k, k + 1))
     tokens, made = np.asarray(tokens), np.asarray(made)
-    moved = int(made[live].max())   # the pass moves the index past the most any slot made
+    moved = speculative.moved(int(made[live].max()), k)   # as the pass moved the index
     self.index += moved
     for entry in self._running.values():
       entry.span += moved
@@ -352,6 +357,8 @@ class Engine:
           break
       self._tok[slot] = entry.result.tokens[-1]
       self._pos[slot] += made[slot]
+      # All k kept: the draft has not seen the k-th proposal; its next pass reads it first.
+      self._carry[slot] = tokens[slot, k - 1] if made[slot] == k + 1 else -1
 
   def _window(self, ahead: int, written: int) -> Optional[int]:
     """The cache entries a step reads: every live request's span (plus the `ahead` entries a

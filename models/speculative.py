@@ -67,29 +67,35 @@ def accept(p_BxJxV: jax.Array, q_BxKxV: jax.Array, drafts_BxK: jax.Array,
 @functools.partial(jax.jit, static_argnames=('model', 'draft', 'k', 'greedy', 'window'),
                    donate_argnames=('cache', 'draft_cache'))
 def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B, live_B,
-              sampling: dict, count_B, *, model, draft, k: int, greedy: bool, window=None):
+              carry_B, sampling: dict, count_B, *, model, draft, k: int, greedy: bool,
+              window=None):
   """One speculative pass for every slot.
 
   Returns (tokens [B, k + 1], made per slot [B] in [1, k + 1], cache, draft_cache): slot b's new
-  tokens are tokens[b, :made[b]]. Inputs are those of `models.slots.step`; `draft` and
-  `draft_params` are the draft model, `draft_cache` its slots (same index as `cache`);
-  `window` (None: all) the entries before the index that every read of the pass needs: the
-  slots' spans plus k, since draft step j reads j entries further on.
+  tokens are tokens[b, :made[b]]. Inputs are those of `models.slots.step`, plus `carry_B`: the
+  slot's k-th proposal of its last pass where all k were kept (-1: none), which the draft has
+  not seen yet; `draft` and `draft_params` are the draft model, `draft_cache` its slots (same
+  index as `cache`); `window` (None: all) the entries before the index that every read of the
+  pass needs: the slots' spans plus k, since the draft's reads move k entries on.
   """
   seg_Bx1 = live_B.astype(jnp.int32)[:, None]
   keys_B = None if greedy else request_keys(sampling['seed'], count_B)
   index, n_slots = cache['index'], cache['pos'].shape[1]
   drafts, qs, tok_in_B = [], [], tok_B
-  # k + 1 draft steps: the last one only writes the k-th proposal's entry, which the draft needs
-  # when all k are kept (its logits are unused and compiled away).
-  for j in range(k + 1):
-    logits_Bx1xV, draft_cache = draft.apply({'params': draft_params}, tok_in_B[:, None],
-                                            positions=(pos_B + j)[:, None],
-                                            segment_ids=seg_Bx1, cache=draft_cache,
-                                            cache_window=window)
-    if j == k:
-      break
-    logits_BxV = logits_Bx1xV[:, 0]
+  # The draft's first step reads [carry, last token] (an empty entry where there is no carry),
+  # then one token a step: k steps, k + 1 entries, as many as the target's chunk writes.
+  has_carry_Bx1 = (carry_B >= 0)[:, None] & live_B[:, None]
+  first_Bx2 = jnp.concatenate([jnp.maximum(carry_B, 0)[:, None], tok_B[:, None]], axis=1)
+  for j in range(k):
+    if j == 0:
+      inputs = dict(tokens=first_Bx2, positions=pos_B[:, None] + jnp.arange(-1, 1)[None, :],
+                    segment_ids=jnp.concatenate([has_carry_Bx1.astype(jnp.int32), seg_Bx1], 1))
+    else:
+      inputs = dict(tokens=tok_in_B[:, None], positions=(pos_B + j)[:, None],
+                    segment_ids=seg_Bx1)
+    logits_BxLxV, draft_cache = draft.apply({'params': draft_params}, inputs.pop('tokens'),
+                                            cache=draft_cache, cache_window=window, **inputs)
+    logits_BxV = logits_BxLxV[:, -1]
     if greedy:
       tok_in_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     else:
@@ -119,13 +125,22 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
   steps_J = jnp.arange(k + 1)
   drafts_BxJ = jnp.concatenate([drafts_BxK, drafts_BxK[:, :1]], axis=1)
   tokens_BxJ = jnp.where(steps_J[None, :] < kept_B[:, None], drafts_BxJ, next_B[:, None])
-  # Entry j of this pass holds chunk token j: the last token and proposals 1..kept stay. The
-  # index moves past the most any live slot kept, so the next pass overwrites what no slot
-  # kept (a single slot leaves no gaps at all).
+  # Target entry j holds chunk token j: the last token and proposals 1..kept stay. Draft entry
+  # j holds the carry (j = 0), the last token (1) and proposal j - 1: those up to kept stay.
+  # The index moves past what any live slot keeps in either cache, so the next pass
+  # overwrites only what no slot kept.
   slots_J = (index + steps_J) % n_slots
-  rejected_BxJ = steps_J[None, :] > kept_B[:, None]
-  end = index + 1 + jnp.max(jnp.where(live_B, kept_B, 0))
-  drop = lambda c: dict(c, index=end, seg=c['seg'].at[:, slots_J].set(
+  end = index + moved(jnp.max(jnp.where(live_B, kept_B, 0)) + 1, k)
+  drop = lambda c, rejected_BxJ: dict(c, index=end, seg=c['seg'].at[:, slots_J].set(
       jnp.where(rejected_BxJ, 0, c['seg'][:, slots_J])))
-  return tokens_BxJ, kept_B + 1, drop(cache), drop(draft_cache)
+  return (tokens_BxJ, kept_B + 1, drop(cache, steps_J[None, :] > kept_B[:, None]),
+          drop(draft_cache, steps_J[None, :] > kept_B[:, None] + 1))
+
+
+def moved(made_max, k: int):
+  """How far a pass moves the shared index when its slots made at most `made_max` tokens: past
+  the target's kept entries (made_max of them) and the draft's (one more, its carry), at most
+  the k + 1 written."""
+  return jnp.minimum(made_max + 1, k + 1) if isinstance(made_max, jax.Array) else min(
+      made_max + 1, k + 1)
 
