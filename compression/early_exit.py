@@ -23,7 +23,8 @@ class Spec:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-  """`base` (an `experiments.steps.LmLoss`-like loss with `forward`) plus the exits' losses.
+  """`base` (an `experiments.steps.LmLoss`-like loss with `forward` and `totals`) plus the
+  exits' losses.
 
   `sums` gain 'exit_ce_<layer>' per exit (reported per token by the training loop).
   """
@@ -40,14 +41,8 @@ class Loss:
   def __call__(self, params, batch, rng=None):
     cfg = self.model.config
     logits, router, metrics, hidden = self.base.forward(params, batch, rng, hidden=True)
+    total, sums = self.base.totals(logits, router, metrics, batch)
     w = batch['weights']
-    ce, z = token_losses(logits, batch['targets'], getattr(self.base, 'z_loss', 0.0))
-    tokens = jnp.sum(w)
-    total = jnp.sum((ce + z) * w)
-    sums = dict(ce=jnp.sum(ce * w), z=jnp.sum(z * w), tokens=tokens)
-    if metrics:
-      total += tokens * router
-      sums.update({k: tokens * v for k, v in metrics.items()})
     exit_total = 0.0
     for e in self.spec.layers:
       exit_ce, _ = token_losses(head_logits(cfg, params, hidden[e]), batch['targets'], 0.0)

@@ -127,6 +127,11 @@ class LmLoss:
 
   def __call__(self, params, batch, rng=None):
     logits, router, metrics, _ = self.forward(params, batch, rng)
+    return self.totals(logits, router, metrics, batch)
+
+  def totals(self, logits, router, metrics, batch):
+    """(total, sums) of `forward`'s outputs on `batch`: what `__call__` returns, for losses
+    that add terms to it (early exit) without a second forward pass."""
     ce, z = token_losses(logits, batch['targets'], self.z_loss)
     w = batch['weights']
     tokens = jnp.sum(w)
