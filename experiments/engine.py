@@ -16,7 +16,7 @@ and continues with the tokens it had, exactly as if it had never left.
 
 Bad requests finish at once with `finish_reason='error'` and a one-line `error`; the others are
 served as usual. All programs are fixed-shape: `compiles()` counts them (at most two per prompt
-bucket and slot-batch size, two decode steps, one swap each way).
+bucket and slot-batch size, two decode steps per read window, one swap each way).
 
 With `draft=(draft_model, draft_params)` every decode step is a speculative pass
 (`models.speculative`): the draft proposes `draft_tokens` tokens per slot, the target verifies
@@ -305,33 +305,19 @@ class Engine:
     entries = list(self._running.values())
     if self.draft is not None:
       return self._speculate(live, _sampling(requests), count, _all_greedy(entries), events)
-    if self.steps_per_call > 1:
-      return self._steps(live, _sampling(requests), count, _all_greedy(entries), events)
-    new, self.cache = slots_lib.step(self.params, self.cache, self._tok, self._pos, live,
-                                     _sampling(requests), count, model=self.model,
-                                     greedy=_all_greedy(entries), window=self._window(0, 1))
-    self.index += 1
-    for entry in entries:
-      entry.span += 1
-    new = np.asarray(new)
-    for slot, entry in sorted(self._running.items()):
-      self._tok[slot] = new[slot]
-      self._pos[slot] += 1
-      self._emit(entry, int(new[slot]), events)
-
-  def _steps(self, live, sampling, count, greedy: bool, events: list) -> None:
     n = self.steps_per_call
-    tokens, self.cache = slots_lib.steps(self.params, self.cache, self._tok, self._pos, live,
-                                         sampling, count, model=self.model, greedy=greedy,
-                                         window=self._window(n - 1, 1), n=n)
+    args = (self.params, self.cache, self._tok, self._pos, live, _sampling(requests), count)
+    kwargs = dict(model=self.model, greedy=_all_greedy(entries), window=self._window(n - 1, 1))
+    if n == 1:
+      new, self.cache = slots_lib.step(*args, **kwargs)
+      tokens = np.asarray(new)[None]
+    else:
+      tokens, self.cache = slots_lib.steps(*args, n=n, **kwargs)
+      tokens = np.asarray(tokens)
     self.index += n
-    tokens = np.asarray(tokens)
     for slot, entry in sorted(self._running.items()):
       entry.span += n
-      for token in tokens[:, slot]:
-        self._emit(entry, int(token), events)
-        if entry.result.done:
-          break
+      self._emit_row(entry, tokens[:, slot], events)
       self._tok[slot] = tokens[-1, slot]
       self._pos[slot] += n
 
@@ -342,7 +328,7 @@ class Engine:
         live, self._carry, sampling, count, model=self.model, draft=self.draft, k=k,
         greedy=greedy, window=self._window(k, k + 1))
     tokens, made = np.asarray(tokens), np.asarray(made)
-    moved = speculative.moved(int(made[live].max()), k)   # as the pass moved the index
+    moved = int(speculative.moved(made[live].max(), k))   # as the pass moved the index
     self.index += moved
     for entry in self._running.values():
       entry.span += moved
@@ -351,10 +337,7 @@ class Engine:
       self.stats['slot_passes'] += 1
       self.stats['proposed'] += k
       self.stats['accepted'] += int(made[slot]) - 1
-      for token in tokens[slot, :made[slot]]:
-        self._emit(entry, int(token), events)
-        if entry.result.done:
-          break
+      self._emit_row(entry, tokens[slot, :made[slot]], events)
       self._tok[slot] = entry.result.tokens[-1]
       self._pos[slot] += made[slot]
       # All k kept: the draft has not seen the k-th proposal; its next pass reads it first.
@@ -373,6 +356,13 @@ class Engine:
   def acceptance_rate(self) -> Optional[float]:
     """The share of proposed draft tokens the target kept so far (None before any pass)."""
     return self.stats['accepted'] / self.stats['proposed'] if self.stats['proposed'] else None
+
+  def _emit_row(self, entry: _Entry, tokens, events: list) -> None:
+    """Emits a slot's new tokens in order until its request finishes (the rest are dropped)."""
+    for token in tokens:
+      self._emit(entry, int(token), events)
+      if entry.result.done:
+        return
 
   def _emit(self, entry: _Entry, token: int, events: list) -> None:
     result, request = entry.result, entry.request

@@ -141,6 +141,5 @@ def moved(made_max, k: int):
   """How far a pass moves the shared index when its slots made at most `made_max` tokens: past
   the target's kept entries (made_max of them) and the draft's (one more, its carry), at most
   the k + 1 written."""
-  return jnp.minimum(made_max + 1, k + 1) if isinstance(made_max, jax.Array) else min(
-      made_max + 1, k + 1)
+  return jnp.minimum(made_max + 1, k + 1)
 
