@@ -41,8 +41,8 @@ def run(config, workdir, batch_sizes, n_steps: int) -> str:
   cfg = model.config
   quality = _exit_quality(config, model, params, tokenizer, exits)
   rows = []
+  chosen = prompts(config, tokenizer, max(batch_sizes))
   for b in batch_sizes:
-    chosen = prompts(config, tokenizer, max(batch_sizes))
     groups = [chosen[i:i + b] for i in range(0, len(chosen), b)]
     full = None
     for threshold in THRESHOLDS:
@@ -64,8 +64,7 @@ def run(config, workdir, batch_sizes, n_steps: int) -> str:
                   f'{len(chosen) * n_steps / t:,.1f} | {100 * same:.1f}% | '
                   f'{quality[threshold][0]:.4f} | {quality[threshold][1]:.2f} |')
   head = [f'Early exit on {workdir} ({cfg.n_layers} layers x {cfg.d_model}; exits after layers '
-          f'{", ".join(str(e + 1) for e in exits)}): {len(prompts(config, tokenizer, max(batch_sizes)))} '
-          f'eval prompts of {PROMPT} tokens, {n_steps} greedy new tokens each, '
+          f'{", ".join(str(e + 1) for e in exits)}): {len(chosen)} eval prompts of {PROMPT} tokens, {n_steps} greedy new tokens each, '
           f'{jax.devices()[0].device_kind} ({jax.default_backend()}), median of {ROUNDS} runs. '
           'Agreement: tokens equal to the full model\'s (threshold 1) at the same place. '
           'Validation: teacher-forced, each token scored at its exit.', '',

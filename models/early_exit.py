@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from models import axes
 from models.attention import init_cache, rope, write_cache
 from models.config import ModelConfig
+from models.decode import pad_prompts
 from models.layers import Embed, Linear, Norm
 from models.transformer import Block, block_name, geometry
 
@@ -134,7 +135,6 @@ def generate(model, params, prompts, *, max_new_tokens: int, exits: Sequence[int
              threshold: float, pad_id: int = 0) -> tuple:
   """Greedy continuation of `prompts` with early exit: (tokens [B, max_new_tokens] as a list of
   lists, the layers each step used). The prompt is prefilled by the full model."""
-  from models.decode import pad_prompts   # decode imports nothing of this module
   cfg = model.config
   _check_model(cfg)
   exits = check_exits(cfg, exits)
