@@ -98,10 +98,11 @@ def run(config, workdir, draft: str, slots: int, n_steps: int) -> str:
   lines = [f'Cascade on {workdir} ({model.config.n_layers} layers) from {draft} '
            f'({small.config.n_layers} layers): {len(prompts)} eval prompts of {PROMPT} tokens, '
            f'{n_steps} greedy new tokens each, {slots} slots, {jax.devices()[0].device_kind} '
-           f'({jax.default_backend()}), median of {ROUNDS} runs. Confidence: the small model\'s mean '
-           f'top probability over its answer (thresholds: 0, its {", ".join(f"{q:g}" for q in QUANTILES)} '
-           f'quantiles on these requests, and above 1); full-model NLL: the full model\'s mean negative log-likelihood '
-           f'of the answers given, nats per token.', '',
+           f'({jax.default_backend()}), median of {ROUNDS} runs. Confidence: the small '
+           f'model\'s mean top probability over its answer (thresholds: 0, its '
+           f'{", ".join(f"{q:g}" for q in QUANTILES)} quantiles on these requests, and above '
+           f'1); full-model NLL: the full model\'s mean negative log-likelihood of the answers '
+           f'given, nats per token.', '',
            '| threshold | escalated | tokens/s | vs full alone | answers equal to full | '
            'full-model NLL |', '|---|---|---|---|---|---|']
   measured = []

@@ -64,7 +64,8 @@ def run(config, workdir, batch_sizes, n_steps: int) -> str:
                   f'{len(chosen) * n_steps / t:,.1f} | {100 * same:.1f}% | '
                   f'{quality[threshold][0]:.4f} | {quality[threshold][1]:.2f} |')
   head = [f'Early exit on {workdir} ({cfg.n_layers} layers x {cfg.d_model}; exits after layers '
-          f'{", ".join(str(e + 1) for e in exits)}): {len(chosen)} eval prompts of {PROMPT} tokens, {n_steps} greedy new tokens each, '
+          f'{", ".join(str(e + 1) for e in exits)}): {len(chosen)} eval prompts of {PROMPT} '
+          f'tokens, {n_steps} greedy new tokens each, '
           f'{jax.devices()[0].device_kind} ({jax.default_backend()}), median of {ROUNDS} runs. '
           'Agreement: tokens equal to the full model\'s (threshold 1) at the same place. '
           'Validation: teacher-forced, each token scored at its exit.', '',
