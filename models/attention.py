@@ -66,33 +66,39 @@ def select_impl(cfg: ModelConfig) -> str:
 
 
 def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-           mask_Bx1xLxS: jax.Array, extra: Optional[tuple] = None) -> jax.Array:
+           mask_Bx1xLxS: jax.Array, extra: Optional[tuple] = None,
+           heads_first: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H), masked) v with the softmax in float32: the XLA formulation.
 
   Grouped-query heads (G = N / K query heads per key/value head) become a group axis; plain
   multi-head attention keeps 4-D tensors, since a unit group axis makes every elementwise op of
   the softmax and its gradient a reshaped (and on CPU several times slower) loop.
 
+  `heads_first`: the keys and values are [B, K, S, H] (a KV cache's layout), where the batched
+  dots read them as they lie; [B, S, K, H] keys are transposed by XLA for every dot.
   `extra` = (k, v) [B, S2, K, H] adds keys after the first S (the mask then covers S + S2): one
   softmax over both, with each set's scores and values contracted on its own, so a cache is
   read where it lies instead of being copied into one array with the chunk's keys.
   """
   b, length, n, h = q_BxLxNxH.shape
-  k = k_BxSxKxH.shape[2]
-  pairs = [(k_BxSxKxH, v_BxSxKxH)] + ([tuple(extra)] if extra is not None else [])
+  k = k_BxSxKxH.shape[1 if heads_first else 2]
+  pairs = [(k_BxSxKxH, v_BxSxKxH, 'bks' if heads_first else 'bsk')]
+  if extra is not None:
+    pairs.append(tuple(extra) + ('bsk',))
   if n == k:
-    scores = [jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, kk, preferred_element_type=jnp.float32)
-              for kk, _ in pairs]
+    spec = lambda kv: kv.replace('k', 'n') + 'h'
+    scores = [jnp.einsum(f'blnh,{spec(kv)}->bnls', q_BxLxNxH, kk,
+                         preferred_element_type=jnp.float32) for kk, _, kv in pairs]
     p_BxNxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS, h).astype(v_BxSxKxH.dtype)
-    return sum(jnp.einsum('bnls,bsnh->blnh', p, vv)
-               for p, (_, vv) in zip(_split(p_BxNxLxS, pairs), pairs))
+    return sum(jnp.einsum(f'bnls,{spec(kv)}->blnh', p, vv)
+               for p, (_, vv, kv) in zip(_split(p_BxNxLxS, pairs), pairs))
   q_BxLxKxGxH = q_BxLxNxH.reshape(b, length, k, n // k, h)
-  scores = [jnp.einsum('blkgh,bskh->bkgls', q_BxLxKxGxH, kk, preferred_element_type=jnp.float32)
-            for kk, _ in pairs]
+  scores = [jnp.einsum(f'blkgh,{kv}h->bkgls', q_BxLxKxGxH, kk, preferred_element_type=jnp.float32)
+            for kk, _, kv in pairs]
   p_BxKxGxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS[:, :, None], h).astype(
       v_BxSxKxH.dtype)
-  out_BxLxKxGxH = sum(jnp.einsum('bkgls,bskh->blkgh', p, vv)
-                      for p, (_, vv) in zip(_split(p_BxKxGxLxS, pairs), pairs))
+  out_BxLxKxGxH = sum(jnp.einsum(f'bkgls,{kv}h->blkgh', p, vv)
+                      for p, (_, vv, kv) in zip(_split(p_BxKxGxLxS, pairs), pairs))
   return out_BxLxKxGxH.reshape(b, length, n, h)
 
 
@@ -103,7 +109,7 @@ def _join(scores: list) -> jax.Array:
 def _split(p: jax.Array, pairs: list) -> list:
   if len(pairs) == 1:
     return [p]
-  s = pairs[0][0].shape[1]
+  s = pairs[0][0].shape[2 if pairs[0][2] == 'bks' else 1]
   return [p[..., :s], p[..., s:]]
 
 
@@ -176,19 +182,19 @@ def quantize_kv(x_BxLxKxH: jax.Array) -> jax.Array:
   return jnp.concatenate([q_BxLxKxH, scale_BxLxKx4], axis=-1)
 
 
-def kv_scale(packed_BxSxKxE: jax.Array) -> jax.Array:
-  """The float32 scales [B, S, K] of an int8 cache entry (E = H + SCALE_BYTES)."""
-  return jax.lax.bitcast_convert_type(packed_BxSxKxE[..., -SCALE_BYTES:], jnp.float32)
+def kv_scale(packed_xE: jax.Array) -> jax.Array:
+  """The float32 scales [...] of int8 cache entries [..., E] (E = H + SCALE_BYTES)."""
+  return jax.lax.bitcast_convert_type(packed_xE[..., -SCALE_BYTES:], jnp.float32)
 
 
-def dequantize_kv(packed_BxSxKxE: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """[B, S, K, H] in `dtype` from `quantize_kv`'s packing: integers times their scale."""
-  q_BxSxKxH = packed_BxSxKxE[..., :-SCALE_BYTES].astype(jnp.float32)
-  return (q_BxSxKxH * kv_scale(packed_BxSxKxE)[..., None]).astype(dtype)
+def dequantize_kv(packed_xE: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """[..., H] in `dtype` from `quantize_kv`'s packing [..., E]: integers times their scale."""
+  q_xH = packed_xE[..., :-SCALE_BYTES].astype(jnp.float32)
+  return (q_xH * kv_scale(packed_xE)[..., None]).astype(dtype)
 
 
 def read_cache(cache: jax.Array, dtype) -> jax.Array:
-  """Cached keys or values [B, slots, K, H] in the compute dtype (dequantized if int8).
+  """Cached keys or values [B, K, slots, H] in the compute dtype (dequantized if int8).
 
   Empty slots of an int8 cache hold zero bytes, a zero scale included: they read as zeros.
   """
@@ -197,17 +203,19 @@ def read_cache(cache: jax.Array, dtype) -> jax.Array:
   return cache.astype(dtype)
 
 
-def write_cache(cache: jax.Array, new_BxLx: jax.Array, slots: jax.Array) -> jax.Array:
-  """Writes the chunk's last len(slots) entries into those slots of `cache` [B, slots, ...].
+def write_cache(cache: jax.Array, new_BxLxKxH: jax.Array, slots: jax.Array) -> jax.Array:
+  """Writes the chunk's last len(slots) entries into those slots of `cache` [B, K, slots, W].
 
   One entry (a decode step) is a dynamic-update-slice, which XLA does in place in a donated
   or loop-carried cache; a chunk may wrap around the ring, so it is a scatter.
   """
-  new_BxNx = new_BxLx[:, new_BxLx.shape[1] - slots.shape[0]:]
-  new_BxNx = quantize_kv(new_BxNx) if cache.dtype == jnp.int8 else new_BxNx.astype(cache.dtype)
+  new_BxNxKxH = new_BxLxKxH[:, new_BxLxKxH.shape[1] - slots.shape[0]:]
+  new_BxNxKxW = (quantize_kv(new_BxNxKxH) if cache.dtype == jnp.int8
+                 else new_BxNxKxH.astype(cache.dtype))
+  new_BxKxNxW = jnp.swapaxes(new_BxNxKxW, 1, 2)
   if slots.shape[0] == 1:
-    return jax.lax.dynamic_update_slice_in_dim(cache, new_BxNx, slots[0], axis=1)
-  return cache.at[:, slots].set(new_BxNx)
+    return jax.lax.dynamic_update_slice_in_dim(cache, new_BxKxNxW, slots[0], axis=2)
+  return cache.at[:, :, slots].set(new_BxKxNxW)
 
 
 class Attention(nn.Module):
@@ -249,7 +257,7 @@ class Attention(nn.Module):
     else:
       cache_k, cache_v = kv
       mask = cache_mask(geo, cfg.sliding_window)
-      length, n_slots = x_BxLxD.shape[1], cache_k.shape[-3]
+      length, n_slots = x_BxLxD.shape[1], cache_k.shape[-2]
       # Writing first is safe where the slots written hold nothing the chunk attends to: one
       # token, or a ring with room for the window besides the chunk (full attention: the
       # caller keeps the ring longer than what is live).
@@ -270,9 +278,9 @@ class Attention(nn.Module):
       # through the cache's storage (and so its rounding).
       read_k, read_v = cache_k, cache_v
       if geo.read_slots is not None:
-        read_k, read_v = (jnp.take(c, geo.read_slots, axis=-3) for c in (cache_k, cache_v))
+        read_k, read_v = (jnp.take(c, geo.read_slots, axis=-2) for c in (cache_k, cache_v))
       out_BxLxNxH = attend(q_BxLxNxH, read_cache(read_k, dtype), read_cache(read_v, dtype),
-                           mask, extra=(k_BxLxKxH, v_BxLxKxH))
+                           mask, extra=(k_BxLxKxH, v_BxLxKxH), heads_first=True)
       if whole:
         new_kv = (cache_k, cache_v)
       else:
@@ -306,18 +314,20 @@ def cache_storage(cfg: ModelConfig, kv_cache_dtype: Optional[str] = None) -> str
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty, fixed-shape KV cache for `batch` rows of up to `max_len` tokens.
 
-  `k`/`v` are tuples with one array per layer, [B, slots, K, H] in `dtype` (one of
+  `k`/`v` are tuples with one array per layer, [B, K, slots, H] in `dtype` (one of
   KV_CACHE_DTYPES, None: the config's `kv_cache_dtype`), or under `scan_layers` one
-  [n_unique_layers, B, slots, K, H] per pass over the stacked blocks; an int8 cache stores
+  [n_unique_layers, B, K, slots, H] per pass over the stacked blocks; an int8 cache stores
   H + SCALE_BYTES lanes (see `quantize_kv`). Separate arrays per layer let each step read and
-  update its layer's entries in place, where slices of one stacked array would be copied.
+  update its layer's entries in place, where slices of one stacked array would be copied. Heads
+  come before slots so that attention's batched dots (over batch and heads) read the cache as
+  it lies: with slots first, XLA transposes every layer's whole cache at every step.
   `pos`/`seg` [B, slots] record what each slot holds (segment 0 = empty); `index` counts
   tokens written so far (slot = index mod slots).
   """
   length = cache_length(cfg, max_len)
   storage = cache_storage(cfg, dtype)
   width = cfg.head_dim + (SCALE_BYTES if storage == 'int8' else 0)
-  shape = (batch, length, cfg.n_kv_heads, width)
+  shape = (batch, cfg.n_kv_heads, length, width)
   calls = cfg.n_layers
   if cfg.scan_layers:
     shape, calls = (cfg.n_unique_layers,) + shape, cfg.n_layers // cfg.n_unique_layers

@@ -88,8 +88,12 @@ def insert(cache: dict, kv: dict, row: jax.Array, src: jax.Array) -> dict:
   s, n = cache['pos'].shape[1], kv['pos'].shape[1]
   a_N = kv['index'] - n + jnp.arange(n)      # the tokens the prefill cache still holds
   from_N, to_N = a_N % n, (cache['index'] - kv['index'] + a_N) % s
-  # Layer arrays are [..., B, S, K, H] (a leading layer axis under scan_layers).
-  put = lambda dst, new: dst.at[..., row, to_N, :, :].set(new[..., src, from_N, :, :])
+  # Layer arrays are [..., B, K, S, W] (a leading layer axis under scan_layers).
+  # (A row index and an entry index apart in one subscript would move their axes to the front.)
+  def put(dst, new):
+    entries_KxNxW = new[..., src, :, :, :][..., from_N, :]
+    slot_KxSxW = dst[..., row, :, :, :].at[..., to_N, :].set(entries_KxNxW)
+    return dst.at[..., row, :, :, :].set(slot_KxSxW)
   seg_S = jnp.zeros((s,), jnp.int32).at[to_N].set(kv['seg'][src, from_N])
   return dict(cache, k=jax.tree.map(put, cache['k'], kv['k']),
               v=jax.tree.map(put, cache['v'], kv['v']),
@@ -158,7 +162,7 @@ def restore(cache: dict, saved: dict, row: jax.Array) -> dict:
   """Puts `extract`'s entries back into slot `row`, rotated from their index to the cache's."""
   s = cache['pos'].shape[1]
   from_S = (jnp.arange(s) - (cache['index'] - saved['index'])) % s
-  put = lambda dst, old: dst.at[..., row, :, :, :].set(old[..., from_S, :, :])
+  put = lambda dst, old: dst.at[..., row, :, :, :].set(old[..., from_S, :])
   return dict(cache, k=jax.tree.map(put, cache['k'], saved['k']),
               v=jax.tree.map(put, cache['v'], saved['v']),
               pos=cache['pos'].at[row].set(saved['pos'][from_S]),

@@ -73,7 +73,7 @@ def test_quantize_dequantize_error_is_at_most_half_a_step_and_zeros_stay_zero():
 
 
 def layers(arrays):
-  """The per-layer (or per-pass stacked) cache arrays as one [n_layers, B, S, K, W] array."""
+  """The per-layer (or per-pass stacked) cache arrays as one [n_layers, B, K, S, W] array."""
   return np.concatenate([np.asarray(x).reshape((-1,) + x.shape[-4:]) for x in arrays])
 
 
@@ -99,13 +99,13 @@ def test_int8_step_equals_a_float_step_on_the_dequantized_cache(name):
   for key in ('k', 'v'):
     # The written entry is the float path's entry on its grid (up to float rounding: the
     # layers after the first see inputs that differ in the last bits).
-    written, want = new_q[key][:, :, slot], np.asarray(new_f[key][:, :, slot])
+    written, want = new_q[key][:, :, :, slot], np.asarray(new_f[key][:, :, :, slot])
     scale = np.asarray(attention.kv_scale(written))
     np.testing.assert_allclose(scale, np.abs(want).max(axis=-1) / 127, rtol=1e-5)
     err = np.abs(np.asarray(attention.dequantize_kv(written)) - want)
     assert np.all(err <= scale[..., None] * 0.5001 + 1e-6)
     others = np.arange(int8_cache['pos'].shape[1]) != slot
-    np.testing.assert_array_equal(new_q[key][:, :, others], int8_cache[key][:, :, others])
+    np.testing.assert_array_equal(new_q[key][:, :, :, others], int8_cache[key][:, :, :, others])
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))

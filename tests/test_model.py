@@ -315,7 +315,7 @@ def test_cached_decoding_equals_full_forward(name, chunk):
   params, tokens = make_params(cfg), make_tokens(12, (2, t_len))
   cache = init_cache(cfg, 2, t_len)
   # One array per layer (per pass over the stacked blocks under scan), together all layers.
-  per_call, calls = (2, min(t_len, cfg.sliding_window or t_len), cfg.n_kv_heads,
+  per_call, calls = (2, cfg.n_kv_heads, min(t_len, cfg.sliding_window or t_len),
                      cfg.head_dim), cfg.n_layers
   if cfg.scan_layers:
     per_call, calls = (cfg.n_unique_layers,) + per_call, cfg.n_layers // cfg.n_unique_layers
