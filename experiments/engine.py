@@ -18,6 +18,9 @@ Bad requests finish at once with `finish_reason='error'` and a one-line `error`;
 served as usual. All programs are fixed-shape: `compiles()` counts them (at most two per prompt
 bucket and slot-batch size, two decode steps per read window, one swap each way).
 
+Decode calls are pipelined: each `step()` starts the next call before it reads the tokens of the
+one before, so the host's streaming, scheduling and dispatch overlap the device's work.
+
 With `draft=(draft_model, draft_params)` every decode step is a speculative pass
 (`models.speculative`): the draft proposes `draft_tokens` tokens per slot, the target verifies
 them in one forward pass, and each slot takes the tokens the rejection rule keeps (greedy: the
@@ -50,6 +53,7 @@ class _Entry:
   slot: Optional[int] = None
   saved: Optional[tuple] = None  # host copies of its cache entries (target, draft) while out
   span: int = 0                  # cache entries from its first one to the shared index
+  in_flight: int = 0             # its tokens in the decode call still running
   carry: int = -1                # speculative: its slot's carry while swapped out
 
 
@@ -116,7 +120,7 @@ class Engine:
     # Cache entries one new token may take: a speculative pass writes k + 1 for at least one.
     self.entries_per_token = self.draft_tokens + 1
     self.stats = dict(passes=0, slot_passes=0, proposed=0, accepted=0)
-    self.index = 0                          # the cache's shared write index, mirrored on host
+    self._inflight = None                   # (tokens [n, B] on device, {slot: entry}) running
     self.results: dict = {}
     self._waiting: list = []
     self._running: dict = {}                # slot -> _Entry
@@ -209,7 +213,7 @@ class Engine:
   @property
   def busy(self) -> bool:
     """Whether any request is waiting or running."""
-    return bool(self._waiting or self._running)
+    return bool(self._waiting or self._running or self._inflight)
 
   def bucket(self, n: int) -> Optional[int]:
     """The prompt bucket for `n` tokens (None if longer than every bucket)."""
@@ -222,17 +226,17 @@ class Engine:
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
     fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.steps,
-           slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
+           slots_lib.feed, slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
   # --- one engine iteration ----------------------------------------------------------------
 
   def step(self) -> list:
-    """Admits what fits, then decodes one token for every live slot; returns (id, token)
-    pairs in the order they were made."""
+    """Admits what fits, starts the next decode call for every live slot and emits the tokens
+    of the call before it; returns (id, token) pairs in the order they were made."""
     events = []
     self._admit(events)
-    if self._running:
+    if self._running or self._inflight:
       self._decode(events)
     return events
 
@@ -303,39 +307,67 @@ class Engine:
       self._emit(entry, int(first[i]), events)
 
   def _decode(self, events: list) -> None:
-    live = np.zeros(self.slots, bool)
-    live[list(self._running)] = True
-    requests = [self._running[s].request if live[s] else None for s in range(self.slots)]
-    count = np.array([len(self._running[s].result.tokens) if live[s] else 0
-                      for s in range(self.slots)], np.int32)
-    entries = list(self._running.values())
-    if self.draft is not None:
-      return self._speculate(live, _sampling(requests), count, _all_greedy(entries), events)
-    n = self.steps_per_call
-    args = (self.params, self.cache, self._tok, self._pos, live, _sampling(requests), count)
-    kwargs = dict(model=self.model, greedy=_all_greedy(entries), window=self._window(n - 1, 1))
-    if n == 1:
-      new, self.cache = slots_lib.step(*args, **kwargs)
-      tokens = np.asarray(new)[None]
-    else:
-      tokens, self.cache = slots_lib.steps(*args, n=n, **kwargs)
-      tokens = np.asarray(tokens)
-    self.index += n
-    for slot, entry in sorted(self._running.items()):
-      entry.span += n
-      self._emit_row(entry, tokens[:, slot], events)
-      self._tok[slot] = tokens[-1, slot]
-      self._pos[slot] += n
+    """Starts the next decode call, then emits the previous call's tokens while it runs.
 
-  def _speculate(self, live, sampling, count, greedy: bool, events: list) -> None:
+    The host's work between two calls (streaming, stop checks, admission, the call's own
+    dispatch) thus overlaps the device's: the next call takes a slot's input token straight
+    from the previous call's output. The price is that a request ending on a stop token is
+    seen one call late; the call made meanwhile wastes its slot, and its token is dropped.
+    """
+    if self.draft is not None:
+      return self._speculate(events)
+    previous, self._inflight = self._inflight, None
+    n = self.steps_per_call
+    # A request whose last tokens are already in flight needs no further call.
+    run = {s: e for s, e in self._running.items()
+           if len(e.result.tokens) + e.in_flight < e.request.max_new_tokens}
+    if run:
+      live, sampling, count = self._inputs(run)
+      # Copies: a call may still read its NumPy inputs after dispatch, while the host moves on.
+      tok, pos = self._tok.copy(), self._pos.copy()
+      if previous is not None:
+        fed = np.array([previous[1].get(s) is run.get(s) for s in range(self.slots)]) & live
+        tok = slots_lib.feed(previous[0], tok, fed)
+      args = (self.params, self.cache, tok, pos, live, sampling, count)
+      kwargs = dict(model=self.model, greedy=_all_greedy(run.values()),
+                    window=self._window(n - 1, 1))
+      if n == 1:
+        new, self.cache = slots_lib.step(*args, **kwargs)
+        tokens = new[None]
+      else:
+        tokens, self.cache = slots_lib.steps(*args, n=n, **kwargs)
+      for slot, entry in run.items():
+        entry.span += n
+        entry.in_flight += n
+        self._pos[slot] += n
+      self._inflight = (tokens, run)
+    if previous is not None:
+      tokens = np.asarray(previous[0])
+      for slot, entry in sorted(previous[1].items()):
+        entry.in_flight -= tokens.shape[0]
+        if not entry.result.done:
+          self._emit_row(entry, tokens[:, slot], events)
+
+  def _inputs(self, run: dict) -> tuple:
+    """The live mask, sampling parameters and tokens made so far of the slots in `run`."""
+    live = np.zeros(self.slots, bool)
+    live[list(run)] = True
+    requests = [run[s].request if live[s] else None for s in range(self.slots)]
+    count = np.array([len(run[s].result.tokens) + run[s].in_flight if live[s] else 0
+                      for s in range(self.slots)], np.int32)
+    return live, _sampling(requests), count
+
+  def _speculate(self, events: list) -> None:
+    """One speculative pass for every live slot (synchronous: the next pass needs how many
+    tokens each slot kept)."""
     k = self.draft_tokens
+    live, sampling, count = self._inputs(self._running)
     tokens, made, self.cache, self.draft_cache = speculative.speculate(
         self.params, self.cache, self.draft_params, self.draft_cache, self._tok, self._pos,
         live, self._carry, sampling, count, model=self.model, draft=self.draft, k=k,
-        greedy=greedy, window=self._window(k, k + 1))
+        greedy=_all_greedy(self._running.values()), window=self._window(k, k + 1))
     tokens, made = np.asarray(tokens), np.asarray(made)
     moved = int(speculative.moved(made[live].max(), k))   # as the pass moved the index
-    self.index += moved
     for entry in self._running.values():
       entry.span += moved
     self.stats['passes'] += 1
@@ -386,6 +418,8 @@ class Engine:
     if result.done:
       self._running.pop(entry.slot, None)
       entry.slot = None
+      if entry in self._waiting:   # preempted while its last token was in flight
+        self._waiting.remove(entry)
 
 
 def _all_greedy(entries) -> bool:

@@ -12,7 +12,7 @@ the new index.
 Every program is jitted once per shape: `prefill` and `insert` once per prompt bucket, `step`
 once per read window (a power of two: the entries live requests span; twice with sampling,
 since greedy rows skip the sort that top-k and top-p need), `steps` (several decode steps in
-one program) likewise, `extract` and `restore` once.
+one program) likewise, `feed`, `extract` and `restore` once.
 """
 
 import functools
@@ -116,6 +116,13 @@ def choose(logits_BxV: jax.Array, sampling: dict, count_B: jax.Array,
 def first_tokens(logits_BxV, sampling: dict, *, greedy: bool):
   """The first generated token of prefilled prompts (each request's token 0)."""
   return choose(logits_BxV, sampling, jnp.zeros(logits_BxV.shape[:1], jnp.int32), greedy)
+
+
+@jax.jit
+def feed(tokens_NxB: jax.Array, tok_B: jax.Array, fed_B: jax.Array) -> jax.Array:
+  """The next call's input tokens: the last of a previous call's `tokens_NxB` where `fed_B`,
+  else `tok_B` (given by the host: a new or resumed request's last token)."""
+  return jnp.where(fed_B, tokens_NxB[-1], tok_B)
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'greedy', 'window'),
