@@ -215,6 +215,16 @@ class Engine:
     """Whether any request is waiting or running."""
     return bool(self._waiting or self._running or self._inflight)
 
+  @property
+  def running(self) -> int:
+    """Requests decoding in a slot now."""
+    return len(self._running)
+
+  @property
+  def waiting(self) -> int:
+    """Requests queued: new, or preempted and swapped out."""
+    return len(self._waiting)
+
   def bucket(self, n: int) -> Optional[int]:
     """The prompt bucket for `n` tokens (None if longer than every bucket)."""
     return next((b for b in self.buckets if b >= n), None)

@@ -6,9 +6,11 @@ saved), prune and quantize (experiments/configs/prune.py and quantize.py configs
 compare (against the PyTorch peer) and decode_benchmark (no workdir), serve (--requests,
 --output, --slots, --draft: a JSONL file of requests through the serving engine),
 serve_benchmark (speculative decoding), cascade_benchmark (small model first),
-trace_benchmark (the engine vs static batching on a request trace) and exit_benchmark (early
-exit on a run trained with exits). Bad input and run-level failures print one line `error: ...` and exit 1 (see `experiments/cli.py`); `--resume=new|params`
-starts over in a workdir whose run has another configuration, archiving that run.
+trace_benchmark (the engine vs static batching on a request trace), exit_benchmark (early
+exit on a run trained with exits) and http (--host, --port: an HTTP endpoint on the engine).
+Bad input and run-level failures print one line `error: ...` and exit 1 (see
+`experiments/cli.py`); `--resume=new|params` starts over in a workdir whose run has another
+configuration, archiving that run.
 Multi-process runs start the same command on every host: on Cloud TPU, Slurm or Open MPI nothing
 more is needed; elsewhere add --coordinator_address=HOST:PORT (process 0's) --num_processes=N
 --process_id=I.
@@ -58,14 +60,17 @@ _REQUESTS = flags.DEFINE_string('requests', '', 'serve: a JSONL file of requests
                                 'trace_benchmark: a trace (requests with an arrival field).')
 _OUTPUT = flags.DEFINE_string('output', '', 'serve: the JSONL file the results are written to.')
 _SLOTS = flags.DEFINE_integer('slots', runners.Flags.slots,
-                              'serve, cascade_benchmark, trace_benchmark: requests decoded '
-                              'together.')
-_DRAFT = flags.DEFINE_string('draft', '', 'serve, serve_benchmark: the workdir of a draft run '
-                             '(same tokenizer) for speculative decoding; cascade_benchmark: '
-                             'the small model.')
+                              'serve, http, cascade_benchmark, trace_benchmark: requests '
+                              'decoded together.')
+_DRAFT = flags.DEFINE_string('draft', '', 'serve, http, serve_benchmark: the workdir of a draft '
+                             'run (same tokenizer) for speculative decoding; '
+                             'cascade_benchmark: the small model.')
 _DRAFT_TOKENS = flags.DEFINE_list('draft_tokens', list(map(str, runners.Flags.draft_tokens)),
-                                  'serve: draft tokens proposed per pass; serve_benchmark: the '
-                                  'values timed, e.g. 2,3,4,5,6.')
+                                  'serve, http: draft tokens proposed per pass; serve_benchmark: '
+                                  'the values timed, e.g. 2,3,4,5,6.')
+_HOST = flags.DEFINE_string('host', runners.Flags.host, 'http: the address to listen on.')
+_PORT = flags.DEFINE_integer('port', runners.Flags.port, 'http: the port to listen on (0: any '
+                             'free one).')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -96,7 +101,7 @@ def main(argv):
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
                         variants=tuple(_VARIANTS.value), requests=_REQUESTS.value,
                         output=_OUTPUT.value, slots=_SLOTS.value, draft=_DRAFT.value,
-                        draft_tokens=draft_tokens)
+                        draft_tokens=draft_tokens, host=_HOST.value, port=_PORT.value)
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:

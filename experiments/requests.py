@@ -85,8 +85,8 @@ def check(r: Request, vocab_size: int, room: int, bucket: Optional[int],
                      f'a request may use')
   if not isinstance(r.temperature, (int, float)) or not r.temperature >= 0:
     raise ValueError(f'temperature={r.temperature!r} must be a number >= 0')
-  if not is_int(r.top_k) or r.top_k < 0:
-    raise ValueError(f'top_k={r.top_k!r} must be an integer >= 0 (0: off)')
+  if not is_int(r.top_k) or not 0 <= r.top_k < 2**31:   # int32 on the device
+    raise ValueError(f'top_k={r.top_k!r} must be an integer in [0, 2**31) (0: off)')
   if not isinstance(r.top_p, (int, float)) or not 0 < r.top_p <= 1:
     raise ValueError(f'top_p={r.top_p!r} must be in (0, 1]')
   if (not isinstance(r.stop_tokens, (list, tuple))

@@ -14,9 +14,9 @@ from typing import Callable, Optional
 
 from etils import epath
 
-from experiments import (benchmark, cascade, compare, decode_benchmark, distill, exit_benchmark,
-                         prune, quantize, runtime, saved, serve, serve_benchmark,
-                         trace_benchmark, train)
+from experiments import (benchmark, cascade, compare, decode_benchmark, distill, endpoint,
+                         exit_benchmark, prune, quantize, runtime, saved, serve,
+                         serve_benchmark, trace_benchmark, train)
 from experiments.errors import UserError
 
 
@@ -34,9 +34,11 @@ class Flags:
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
   requests: str = ''       # serve: the JSONL file of requests; trace_benchmark: a trace
   output: str = ''         # serve: where the JSONL results go
-  slots: int = 8           # serve, cascade/trace_benchmark: requests decoded together
-  draft: str = ''          # serve, serve/cascade_benchmark: a draft (small) run's workdir
-  draft_tokens: tuple = (4,)   # serve: proposals per pass; serve_benchmark: the k values timed
+  slots: int = 8           # serve, http, cascade/trace_benchmark: requests decoded together
+  draft: str = ''          # serve, http, serve/cascade_benchmark: a draft (small) run's workdir
+  draft_tokens: tuple = (4,)   # serve, http: proposals per pass; serve_benchmark: the k timed
+  host: str = '127.0.0.1'  # http: the address listened on
+  port: int = 8000         # http: the port listened on (0: any free one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,11 @@ def _decode_benchmark(config, workdir, flags: Flags):
 def _serve(config, workdir, flags: Flags):
   return serve.run(config, workdir, flags.requests, flags.output, flags.slots, flags.draft,
                    flags.draft_tokens)
+
+
+def _http(config, workdir, flags: Flags):
+  return endpoint.run(config, workdir, flags.host, flags.port, flags.slots, flags.draft,
+                      flags.draft_tokens)
 
 
 def _serve_benchmark(config, workdir, flags: Flags):
@@ -156,6 +163,9 @@ RUNNERS = {
     'trace_benchmark': Runner(_trace_benchmark, 'replays a request trace (--requests, or a '
                               'synthetic one) through the engine and through static batching '
                               '(read-only)', flags=('requests', 'slots'), distributed=False),
+    'http': Runner(_http, 'serves the newest checkpoint over HTTP on --host:--port '
+                   '(POST /v1/completions, GET /health) until interrupted (read-only)',
+                   flags=('host', 'port', 'slots', 'draft', 'draft_tokens'), distributed=False),
 }
 
 

@@ -60,11 +60,16 @@ def read_requests(path, tokenizer) -> list:
       if not isinstance(text, str):
         out.append((str(d['id']), f'line {n}: text must be a string'))
         continue
-      d['prompt'] = [tokenizer.bos_id] + tokenizer.encode(text)
+      d['prompt'] = encode_text(tokenizer, text)
     if tokenizer is not None:
       d.setdefault('stop_tokens', [tokenizer.eos_id])
     out.append(d)
   return out
+
+
+def encode_text(tokenizer, text: str) -> list:
+  """The prompt ids of `text`: the tokenizer's BOS id, then the text's ids."""
+  return [tokenizer.bos_id] + tokenizer.encode(text)
 
 
 def is_hf_checkpoint(path) -> bool:
@@ -116,12 +121,30 @@ def load_draft(draft_dir: str, tokenizer) -> tuple:
   return model, params
 
 
-def one_draft_tokens(draft_tokens) -> int:
+def one_draft_tokens(draft_tokens, mode: str = 'serve') -> int:
   """The single k of `--draft_tokens` that serving takes."""
   if len(draft_tokens) != 1 or draft_tokens[0] < 1:
     raise UserError(f'--draft_tokens={",".join(map(str, draft_tokens))} must be one integer '
-                    f'>= 1 for --mode=serve')
+                    f'>= 1 for --mode={mode}')
   return draft_tokens[0]
+
+
+def load_engine(config, workdir, slots: int, draft: str = '', draft_tokens=(4,),
+                mode: str = 'serve') -> tuple:
+  """(engine, tokenizer or None) serving the newest checkpoint of `workdir` (a training run or
+  a Hugging Face checkpoint) from `slots` slots, speculatively with `draft` if given; bad
+  flags are one-line `UserError`s naming `--mode={mode}`."""
+  if slots < 1:
+    raise UserError(f'--slots={slots} must be at least 1')
+  k = one_draft_tokens(draft_tokens, mode)
+  model, tokenizer, params = load_target(config, workdir)
+  drafted = dict(draft=load_draft(draft, tokenizer), draft_tokens=k) if draft else {}
+  try:
+    engine = Engine(model, params, slots=slots, pad_id=getattr(tokenizer, 'pad_id', 0),
+                    **drafted)
+  except ValueError as e:
+    raise UserError(f'--draft={draft}: {e}') from None
+  return engine, tokenizer
 
 
 def run(config, workdir, requests: str, output: str, slots: int, draft: str = '',
@@ -135,16 +158,7 @@ def run(config, workdir, requests: str, output: str, slots: int, draft: str = ''
     raise UserError(f'--requests={requests} does not exist')
   if dst.resolve() == src.resolve():
     raise UserError(f'--output={output} is the requests file; give another path')
-  if slots < 1:
-    raise UserError(f'--slots={slots} must be at least 1')
-  k = one_draft_tokens(draft_tokens)
-  model, tokenizer, params = load_target(config, workdir)
-  drafted = dict(draft=load_draft(draft, tokenizer), draft_tokens=k) if draft else {}
-  try:
-    engine = Engine(model, params, slots=slots, pad_id=getattr(tokenizer, 'pad_id', 0),
-                    **drafted)
-  except ValueError as e:
-    raise UserError(f'--draft={draft}: {e}') from None
+  engine, tokenizer = load_engine(config, workdir, slots, draft, draft_tokens)
   # Each input line keeps its place: an engine id, or the error that kept it from the engine.
   placed = [item if isinstance(item, tuple) else engine.submit(item)
             for item in read_requests(src, tokenizer)]

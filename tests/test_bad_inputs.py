@@ -119,7 +119,8 @@ CASES = [
          '--steps=3 applies to --mode=benchmark, --mode=compare, --mode=decode_benchmark, '
          '--mode=serve_benchmark, --mode=exit_benchmark and --mode=cascade_benchmark only'),
     case('flag-draft-not-serve', TRAIN + ['--draft_tokens=2,3'],
-         '--draft_tokens=2,3 applies to --mode=serve and --mode=serve_benchmark only'),
+         '--draft_tokens=2,3 applies to --mode=serve, --mode=serve_benchmark and --mode=http '
+         'only'),
     case('flag-no-workdir', TINY, 'workdir'),
     case('flag-extra-argument', TRAIN + ['extra'], "unexpected arguments ['extra']"),
     case('flag-resume', TRAIN + ['--resume=sometimes'], 'resume'),

@@ -73,7 +73,8 @@ def test_serve_refuses_bad_flags_in_one_line_and_writes_nothing(source, data_dir
 
 def test_only_serve_takes_requests_output_and_slots():
   with pytest.raises(UserError, match='--slots=4 applies to --mode=serve, '
-                                      '--mode=cascade_benchmark and --mode=trace_benchmark only'):
+                                      '--mode=cascade_benchmark, --mode=trace_benchmark and '
+                                      '--mode=http only'):
     runners.check_flags('sample', runners.Flags(slots=4), 'w')
 
 
