@@ -15,11 +15,15 @@ and continues with the tokens it had, exactly as if it had never left.
   results = engine.run([Request(prompt=[1, 2, 3], max_new_tokens=20), ...])
 
 Bad requests finish at once with `finish_reason='error'` and a one-line `error`; the others are
-served as usual. All programs are fixed-shape: `compiles()` counts them (at most two per prompt
-bucket and slot-batch size, two decode steps per read window, one swap each way).
+served as usual. All programs are fixed-shape: `compiles()` counts them (per ring length: at
+most two per prompt bucket and slot-batch size, two decode steps, one swap each way; and one
+resize per pair of ring lengths met).
 
-Decode calls are pipelined: each `step()` starts the next call before it reads the tokens of the
-one before, so the host's streaming, scheduling and dispatch overlap the device's work.
+The cache's ring follows what the live requests span: it grows before a call would overwrite a
+live entry and shrinks once half of it would do (`models.slots.resize`), so a decode step reads
+little more than what is live. Decode calls are pipelined: each `step()` starts the next call
+before it reads the tokens of the one before, so the host's streaming, scheduling and dispatch
+overlap the device's work.
 
 With `draft=(draft_model, draft_params)` every decode step is a speculative pass
 (`models.speculative`): the draft proposes `draft_tokens` tokens per slot, the target verifies
@@ -40,7 +44,7 @@ import numpy as np
 from experiments.requests import Request, Result, check
 from models import slots as slots_lib
 from models import speculative
-from models.attention import cache_bytes, cache_storage, init_cache
+from models.attention import cache_bytes, cache_length, cache_storage, init_cache
 from models.decode import pad_prompts
 
 
@@ -57,10 +61,7 @@ class _Entry:
   carry: int = -1                # speculative: its slot's carry while swapped out
 
 
-# A window is gathered from the ring before it is read: on XLA's CPU backend a step reading
-# W gathered entries costs about as much as one reading 4 W entries where they lie (measured on
-# the default model, 8 slots, caches of 256 and 2048 entries). Below that a window pays.
-WINDOW_COST = 4
+MIN_RING = 16   # the shortest ring: a few programs for short requests, not one per length
 
 
 def default_buckets(max_len: int) -> tuple:
@@ -107,7 +108,9 @@ class Engine:
     self.model, self.params, self.slots, self.max_len = model, params, slots, max_len
     self.storage = cache_storage(cfg, kv_cache_dtype)
     self.pad_id, self.clock = pad_id, clock
-    self.cache = init_cache(cfg, slots, max_len, self.storage)
+    # The ring grows and shrinks with what live requests span (`_fit_ring`), up to `full`.
+    self.full = cache_length(cfg, max_len)
+    self.cache = init_cache(cfg, slots, min(MIN_RING, self.full), self.storage)
     if not isinstance(steps_per_call, int) or steps_per_call < 1:
       raise ValueError(f'steps_per_call={steps_per_call!r} must be an integer >= 1')
     self.steps_per_call = steps_per_call
@@ -119,6 +122,8 @@ class Engine:
       self._init_draft(draft, draft_tokens)
     # Cache entries one new token may take: a speculative pass writes k + 1 for at least one.
     self.entries_per_token = self.draft_tokens + 1
+    # Entries one decode call writes: a speculative pass k + 1, else one per step.
+    self.entries_per_call = self.draft_tokens + 1 if self.draft is not None else steps_per_call
     self.stats = dict(passes=0, slot_passes=0, proposed=0, accepted=0)
     self._inflight = None                   # (tokens [n, B] on device, {slot: entry}) running
     self.results: dict = {}
@@ -149,7 +154,7 @@ class Engine:
       raise ValueError(f'the draft max_len={cfg.max_len} is below the engine max_len='
                        f'{self.max_len}')
     self.draft, self.draft_params, self.draft_tokens = model, draft[1], k
-    self.draft_cache = init_cache(cfg, self.slots, self.max_len, self.storage)
+    self.draft_cache = init_cache(cfg, self.slots, self.cache['pos'].shape[1], self.storage)
 
   # --- the client's side -------------------------------------------------------------------
 
@@ -230,13 +235,19 @@ class Engine:
     return next((b for b in self.buckets if b >= n), None)
 
   def cache_bytes(self) -> int:
-    """Bytes of the slots' KV cache (entries, scales and bookkeeping)."""
-    return cache_bytes(self.cache)
+    """Bytes of the slots' KV cache at its longest ring (entries, scales and bookkeeping)."""
+    return cache_bytes(jax.eval_shape(lambda: init_cache(self.model.config, self.slots,
+                                                         self.full, self.storage)))
+
+  @property
+  def ring(self) -> int:
+    """Cache entries per slot now (they follow what the live requests span)."""
+    return self.cache['pos'].shape[1]
 
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
     fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.steps,
-           slots_lib.feed, slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
+           slots_lib.feed, slots_lib.resize, slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
   # --- one engine iteration ----------------------------------------------------------------
@@ -264,17 +275,22 @@ class Engine:
       entry.slot = free.pop(0)
       self._running[entry.slot] = entry
       placed.append(entry)
+    fresh = [e for e in placed if not e.result.tokens]
+    for entry in fresh:
+      entry.span = self.bucket(len(entry.request.prompt))
+    if self._running:
+      self._fit_ring()
     for entry in [e for e in placed if e.saved is not None]:
       row = np.int32(entry.slot)
-      self.cache = slots_lib.restore(self.cache, entry.saved[0], row)
+      self.cache = slots_lib.restore(self.cache, slots_lib.fit(entry.saved[0], self.ring), row)
       if self.draft is not None:
-        self.draft_cache = slots_lib.restore(self.draft_cache, entry.saved[1], row)
+        self.draft_cache = slots_lib.restore(self.draft_cache,
+                                             slots_lib.fit(entry.saved[1], self.ring), row)
         self._carry[entry.slot] = entry.carry
       entry.saved = None
       # The next decode input: its last token, at the position after its prompt and tokens.
       self._tok[entry.slot] = entry.result.tokens[-1]
       self._pos[entry.slot] = len(entry.request.prompt) + len(entry.result.tokens) - 1
-    fresh = [e for e in placed if not e.result.tokens]
     for bucket in sorted({self.bucket(len(e.request.prompt)) for e in fresh}):
       self._prefill([e for e in fresh if self.bucket(len(e.request.prompt)) == bucket],
                     bucket, events)
@@ -339,8 +355,7 @@ class Engine:
         fed = np.array([previous[1].get(s) is run.get(s) for s in range(self.slots)]) & live
         tok = slots_lib.feed(previous[0], tok, fed)
       args = (self.params, self.cache, tok, pos, live, sampling, count)
-      kwargs = dict(model=self.model, greedy=_all_greedy(run.values()),
-                    window=self._window(n - 1, 1))
+      kwargs = dict(model=self.model, greedy=_all_greedy(run.values()))
       if n == 1:
         new, self.cache = slots_lib.step(*args, **kwargs)
         tokens = new[None]
@@ -375,7 +390,7 @@ class Engine:
     tokens, made, self.cache, self.draft_cache = speculative.speculate(
         self.params, self.cache, self.draft_params, self.draft_cache, self._tok, self._pos,
         live, self._carry, sampling, count, model=self.model, draft=self.draft, k=k,
-        greedy=_all_greedy(self._running.values()), window=self._window(k, k + 1))
+        greedy=_all_greedy(self._running.values()))
     tokens, made = np.asarray(tokens), np.asarray(made)
     moved = int(speculative.moved(made[live].max(), k))   # as the pass moved the index
     for entry in self._running.values():
@@ -391,19 +406,18 @@ class Engine:
       # All k kept: the draft has not seen the k-th proposal; its next pass reads it first.
       self._carry[slot] = tokens[slot, k - 1] if made[slot] == k + 1 else -1
 
-  def _window(self, ahead: int, written: int) -> Optional[int]:
-    """The cache entries a step reads: every live request's span (plus the `ahead` entries a
-    pass writes before its last read), rounded up to 2^n or 1.5 x 2^n (at least 16) so that
-    few programs are compiled and at most a third more is read than needed; None (all
-    entries) where reading the window costs more than reading everything, or where it leaves
-    no room for the `written` ones."""
-    need = max(16, max(e.span for e in self._running.values()) + ahead)
+  def _fit_ring(self) -> None:
+    """Grows the ring (both caches) to hold every live request's span plus the entries the
+    next call writes, or shrinks it once half of it would do; lengths are 2^n or 1.5 x 2^n (at
+    least MIN_RING, at most `full`), so that few programs are compiled and at most a third
+    more is read than needed."""
+    need = max(MIN_RING, max(e.span for e in self._running.values()) + self.entries_per_call)
     power = 1 << (need - 1).bit_length()
-    window = power * 3 // 4 if power * 3 // 4 >= need else power
-    slots = self.cache['pos'].shape[1]
-    if window * WINDOW_COST > slots or window + written > slots:
-      return None
-    return window
+    length = min(self.full, power * 3 // 4 if power * 3 // 4 >= need else power)
+    if length > self.ring or 2 * length <= self.ring:
+      self.cache = slots_lib.resize(self.cache, length=length)
+      if self.draft is not None:
+        self.draft_cache = slots_lib.resize(self.draft_cache, length=length)
 
   def acceptance_rate(self) -> Optional[float]:
     """The share of proposed draft tokens the target kept so far (None before any pass)."""

@@ -35,7 +35,7 @@ from experiments.requests import Request
 from models import decode
 
 TRACE_REQUESTS = 256
-RATE = 100.0                     # mean arrivals per second: more than either system serves here
+RATE = 200.0                     # mean arrivals per second: more than either system serves here
 LIMITS = (8, 16, 32, 64, 128)    # token limits, drawn uniformly
 MAX_PROMPT = 64
 PER_CALL = (1, 4)                # the engine's decode steps per call: both are measured
@@ -137,8 +137,7 @@ def run(config, workdir, requests: str, slots: int) -> str:
   trace = read_trace(requests) if requests else synthetic_trace(config, tokenizer)
   if not trace:
     raise UserError(f'--requests={requests} holds no requests')
-  engines = {n: Engine(model, params, slots=slots, pad_id=tokenizer.pad_id,
-                       max_len=min(model.config.max_len, 256 + n - 1), steps_per_call=n)
+  engines = {n: Engine(model, params, slots=slots, pad_id=tokenizer.pad_id, steps_per_call=n)
              for n in PER_CALL}
   refused = [(r.id, engines[1].refusal(r)) for _, r in trace if engines[1].refusal(r)]
   if refused:

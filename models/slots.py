@@ -1,4 +1,4 @@
-"""Fixed-shape programs for serving from decode slots: prefill, insert, one decode step, swap.
+"""Fixed-shape programs for serving from decode slots: prefill, insert, decode steps, swap, resize.
 
 The engine (`experiments/engine.py`) keeps one KV cache of `B` slots (rows) and `S` cache entries
 per slot, in the layout of `models.attention.init_cache`. All slots share one write index: every
@@ -9,16 +9,22 @@ by writing its prefilled entries just behind the shared index, and it decodes th
 would alone; a request that has been swapped out resumes in any slot by rotating its entries to
 the new index.
 
-Every program is jitted once per shape: `prefill` and `insert` once per prompt bucket, `step`
-once per read window (a power of two: the entries live requests span; twice with sampling,
-since greedy rows skip the sort that top-k and top-p need), `steps` (several decode steps in
-one program) likewise, `feed`, `extract` and `restore` once.
+The ring's length `S` follows what the live requests span (`resize`): a step reads the whole
+ring, so a ring no longer than needed is read where it lies, where a window gathered from a
+longer ring costs as much as reading about four times its entries (XLA's CPU backend).
+
+Every program is jitted once per shape: `prefill` once per prompt bucket, `insert` once per
+bucket and ring length, `step` once per ring length (twice with sampling, since greedy rows
+skip the sort that top-k and top-p need), `steps` (several decode steps in one program)
+likewise, `resize` once per pair of ring lengths, `feed`, `extract` and `restore` once per ring
+length.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.attention import init_cache
 
@@ -125,32 +131,27 @@ def feed(tokens_NxB: jax.Array, tok_B: jax.Array, fed_B: jax.Array) -> jax.Array
   return jnp.where(fed_B, tokens_NxB[-1], tok_B)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'greedy', 'window'),
-                   donate_argnames=('cache',))
+@functools.partial(jax.jit, static_argnames=('model', 'greedy'), donate_argnames=('cache',))
 def step(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
-         greedy: bool, window=None):
+         greedy: bool):
   """One decode step for every slot: (next token per slot [B], the cache after writing).
 
   `tok_B` are the slots' last tokens at positions `pos_B`; `count_B` how many each request has
-  made (its next token's key); slots where `live_B` is False write an empty entry. `window`:
-  the entries before the index that hold everything the live slots attend to (None: all).
+  made (its next token's key); slots where `live_B` is False write an empty entry.
   """
   logits_Bx1xV, cache = model.apply({'params': params}, tok_B[:, None], positions=pos_B[:, None],
-                                    segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache,
-                                    cache_window=window)
+                                    segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache)
   return choose(logits_Bx1xV[:, 0], sampling, count_B, greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'greedy', 'window', 'n'),
-                   donate_argnames=('cache',))
+@functools.partial(jax.jit, static_argnames=('model', 'greedy', 'n'), donate_argnames=('cache',))
 def steps(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
-          greedy: bool, window=None, n: int = 2):
-  """`n` decode steps in one program, each `step`'s: (tokens [n, B], the cache). `window`
-  must cover the slots' spans plus n - 1 (step i reads i entries further on)."""
+          greedy: bool, n: int = 2):
+  """`n` decode steps in one program, each `step`'s: (tokens [n, B], the cache)."""
   def one(carry, i):
     cache, tok_B = carry
     new_B, cache = step(params, cache, tok_B, pos_B + i, live_B, sampling,
-                        count_B + i, model=model, greedy=greedy, window=window)
+                        count_B + i, model=model, greedy=greedy)
     return (cache, new_B), new_B
   (cache, _), tokens_NxB = jax.lax.scan(one, (cache, tok_B), jnp.arange(n))
   return tokens_NxB, cache
@@ -174,3 +175,30 @@ def restore(cache: dict, saved: dict, row: jax.Array) -> dict:
               v=jax.tree.map(put, cache['v'], saved['v']),
               pos=cache['pos'].at[row].set(saved['pos'][from_S]),
               seg=cache['seg'].at[row].set(saved['seg'][from_S]))
+
+
+def ring_sources(index, old: int, new: int, xp=jnp) -> tuple:
+  """Where a ring of `old` entries holds each entry of a ring of `new` entries written against
+  the same `index`, and whether it holds it at all: entry d of the new ring holds the write
+  made age = (index - 1 - d) mod new writes ago, which the old ring keeps if age < old."""
+  age_N = (index - 1 - xp.arange(new)) % new
+  return (index - 1 - age_N) % old, age_N < old
+
+
+@functools.partial(jax.jit, static_argnames=('length',))
+def resize(cache: dict, *, length: int) -> dict:
+  """The cache as a ring of `length` entries per slot, same index: the last min(S, length)
+  entries written are kept where the new ring expects them, the rest are empty."""
+  src_N, kept_N = ring_sources(cache['index'], cache['pos'].shape[1], length)
+  take = lambda x: jnp.take(x, src_N, axis=-2)
+  return dict(cache, k=jax.tree.map(take, cache['k']), v=jax.tree.map(take, cache['v']),
+              pos=cache['pos'][:, src_N], seg=jnp.where(kept_N, cache['seg'][:, src_N], 0))
+
+
+def fit(saved: dict, length: int) -> dict:
+  """`extract`'s host copy of a slot as if taken from a ring of `length` entries (NumPy: a
+  swapped-out request resumes in a ring of another length without a program per pair)."""
+  src_N, kept_N = ring_sources(int(saved['index']), saved['pos'].shape[0], length, np)
+  take = lambda x: np.take(x, src_N, axis=-2)
+  return dict(saved, k=jax.tree.map(take, saved['k']), v=jax.tree.map(take, saved['v']),
+              pos=saved['pos'][src_N], seg=np.where(kept_N, saved['seg'][src_N], 0))

@@ -64,19 +64,17 @@ def accept(p_BxJxV: jax.Array, q_BxKxV: jax.Array, drafts_BxK: jax.Array,
   return kept_B, next_B.astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'draft', 'k', 'greedy', 'window'),
+@functools.partial(jax.jit, static_argnames=('model', 'draft', 'k', 'greedy'),
                    donate_argnames=('cache', 'draft_cache'))
 def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B, live_B,
-              carry_B, sampling: dict, count_B, *, model, draft, k: int, greedy: bool,
-              window=None):
+              carry_B, sampling: dict, count_B, *, model, draft, k: int, greedy: bool):
   """One speculative pass for every slot.
 
   Returns (tokens [B, k + 1], made per slot [B] in [1, k + 1], cache, draft_cache): slot b's new
   tokens are tokens[b, :made[b]]. Inputs are those of `models.slots.step`, plus `carry_B`: the
   slot's k-th proposal of its last pass where all k were kept (-1: none), which the draft has
   not seen yet; `draft` and `draft_params` are the draft model, `draft_cache` its slots (same
-  index as `cache`); `window` (None: all) the entries before the index that every read of the
-  pass needs: the slots' spans plus k, since the draft's reads move k entries on.
+  index and ring length as `cache`).
   """
   seg_Bx1 = live_B.astype(jnp.int32)[:, None]
   keys_B = None if greedy else request_keys(sampling['seed'], count_B)
@@ -94,7 +92,7 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
       inputs = dict(tokens=tok_in_B[:, None], positions=(pos_B + j)[:, None],
                     segment_ids=seg_Bx1)
     logits_BxLxV, draft_cache = draft.apply({'params': draft_params}, inputs.pop('tokens'),
-                                            cache=draft_cache, cache_window=window, **inputs)
+                                            cache=draft_cache, **inputs)
     logits_BxV = logits_BxLxV[:, -1]
     if greedy:
       tok_in_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -108,8 +106,7 @@ def speculate(params, cache: dict, draft_params, draft_cache: dict, tok_B, pos_B
   chunk_BxJ = jnp.concatenate([tok_B[:, None], drafts_BxK], axis=1)
   logits_BxJxV, cache = model.apply({'params': params}, chunk_BxJ,
                                     positions=pos_B[:, None] + jnp.arange(k + 1)[None, :],
-                                    segment_ids=jnp.repeat(seg_Bx1, k + 1, axis=1), cache=cache,
-                                    cache_window=window)
+                                    segment_ids=jnp.repeat(seg_Bx1, k + 1, axis=1), cache=cache)
   if greedy:
     target_BxJ = jnp.argmax(logits_BxJxV, axis=-1).astype(jnp.int32)
     kept_B = jnp.sum(jnp.cumprod(drafts_BxK == target_BxJ[:, :k], axis=1), axis=1)

@@ -112,6 +112,52 @@ def test_preempted_requests_resume_with_their_tokens_unchanged():
   assert max(step_time(r.id) for r in high) < min(step_time(r.id) for r in low[2:])
 
 
+def test_the_ring_follows_the_live_spans_through_preemption():
+  # One slot: a long request's ring grows; a high-priority short one swaps it out and the ring
+  # shrinks under the short one; the long one comes back into a ring grown again, from entries
+  # saved at another length. Both outputs equal their prompt decoded alone.
+  model, params = build('llama_gqa')
+  long = Request(prompt=[5, 9, 2], max_new_tokens=40, id='long')
+  short = Request(prompt=[7, 1, 3], max_new_tokens=3, priority=1, id='short')
+  engine = Engine(model, params, slots=1, max_len=64)
+  rings, step = [], 0
+  engine.submit(long)
+  while engine.busy:
+    if step == 30:
+      engine.submit(short)
+    engine.step()
+    rings.append(engine.ring)
+    live = [e.span for e in engine._running.values()]
+    assert not live or engine.ring >= max(live)   # every live entry still held
+    step += 1
+  assert engine.results['long'].preemptions == 1
+  before, under_short, after = rings[29], rings[30:33], rings[-1]
+  assert before >= 32 and max(under_short) < before and after >= 40
+  for r in (long, short):
+    want = decode.generate(model, params, [r.prompt], max_new_tokens=r.max_new_tokens)
+    assert engine.results[r.id].tokens == np.asarray(want.tokens[0]).tolist(), r.id
+
+
+def test_resize_keeps_the_last_entries_written():
+  cfg = CONFIGS['llama_gqa'][0]
+  cache = attention.init_cache(cfg, 2, 16)
+  index = 21                                   # the ring has wrapped: entries 5..20 are kept
+  cache = dict(cache, index=jnp.asarray(index, jnp.int32),
+               pos=jnp.tile(jnp.arange(16), (2, 1)), seg=jnp.ones((2, 16), jnp.int32))
+  cache['pos'] = cache['pos'].at[:, (jnp.arange(16) + index) % 16].set(jnp.arange(5, 21))
+  cache['k'] = tuple(x + cache['pos'][:, None, :, None] for x in cache['k'])
+  for length in (8, 24, 32):
+    new = slots_lib.resize(cache, length=length)
+    seg, pos = np.asarray(new['seg']), np.asarray(new['pos'])
+    kept = np.arange(max(5, index - length), index)           # positions written last
+    assert sorted(pos[0][seg[0] == 1]) == kept.tolist()
+    assert np.all(pos[0, kept % length] == kept)              # where the new ring expects them
+    np.testing.assert_array_equal(np.asarray(new['k'][0])[0, 0, kept % length, 0], kept)
+    host = slots_lib.fit(jax.device_get(slots_lib.extract(cache, np.int32(1))), length)
+    np.testing.assert_array_equal(host['seg'], seg[1])
+    np.testing.assert_array_equal(host['pos'][seg[1] == 1], pos[1][seg[1] == 1])
+
+
 def test_requests_of_one_priority_start_in_arrival_order():
   model, params = build('llama_gqa')
   requests = [Request(prompt=[3 + i, 4], max_new_tokens=2, id=f'q{i}', priority=i % 2)
@@ -145,11 +191,12 @@ def test_compiles_are_bounded_and_a_second_round_compiles_nothing():
                         for i, r in enumerate(random_requests(12, seed))]
   engine.run(mixed(0))
   first = engine.compiles() - before
-  # prefill, insert and first-token programs per bucket and power-of-two batch (1, 2, 4),
-  # sampled and greedy variants; a greedy and a sampled step per read window (16 or 24
-  # entries, or all 32); extract and restore.
-  buckets, windows = len(engine.buckets), 3
-  assert 0 < first <= buckets * 3 * (1 + 1 + 2) + 2 * windows + 2
+  # Per bucket and power-of-two batch (1, 2, 4): prefill, and first tokens sampled and greedy;
+  # per ring length (16, 24 or 32 entries): insert per bucket, a greedy and a sampled step,
+  # extract and restore; feed once; a resize per pair of ring lengths.
+  buckets, rings = len(engine.buckets), 3
+  assert 0 < first <= (buckets * 3 * (1 + 2) + rings * (buckets + 2 + 2) + 1
+                       + rings * (rings - 1))
   engine.run(mixed(1))
   engine.run(mixed(0))
   assert engine.compiles() - before <= first + 2 * buckets   # at most batch sizes not yet seen
