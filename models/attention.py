@@ -66,50 +66,67 @@ def select_impl(cfg: ModelConfig) -> str:
 
 
 def attend(q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-           mask_Bx1xLxS: jax.Array, extra: Optional[tuple] = None,
-           heads_first: bool = False) -> jax.Array:
+           mask_Bx1xLxS: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(H), masked) v with the softmax in float32: the XLA formulation.
 
   Grouped-query heads (G = N / K query heads per key/value head) become a group axis; plain
   multi-head attention keeps 4-D tensors, since a unit group axis makes every elementwise op of
   the softmax and its gradient a reshaped (and on CPU several times slower) loop.
-
-  `heads_first`: the keys and values are [B, K, S, H] (a KV cache's layout), where the batched
-  dots read them as they lie; [B, S, K, H] keys are transposed by XLA for every dot.
-  `extra` = (k, v) [B, S2, K, H] adds keys after the first S (the mask then covers S + S2): one
-  softmax over both, with each set's scores and values contracted on its own, so a cache is
-  read where it lies instead of being copied into one array with the chunk's keys.
   """
   b, length, n, h = q_BxLxNxH.shape
-  k = k_BxSxKxH.shape[1 if heads_first else 2]
-  pairs = [(k_BxSxKxH, v_BxSxKxH, 'bks' if heads_first else 'bsk')]
-  if extra is not None:
-    pairs.append(tuple(extra) + ('bsk',))
+  k = k_BxSxKxH.shape[2]
   if n == k:
-    spec = lambda kv: kv.replace('k', 'n') + 'h'
-    scores = [jnp.einsum(f'blnh,{spec(kv)}->bnls', q_BxLxNxH, kk,
-                         preferred_element_type=jnp.float32) for kk, _, kv in pairs]
-    p_BxNxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS, h).astype(v_BxSxKxH.dtype)
-    return sum(jnp.einsum(f'bnls,{spec(kv)}->blnh', p, vv)
-               for p, (_, vv, kv) in zip(_split(p_BxNxLxS, pairs), pairs))
+    s_BxNxLxS = jnp.einsum('blnh,bsnh->bnls', q_BxLxNxH, k_BxSxKxH,
+                           preferred_element_type=jnp.float32)
+    p_BxNxLxS = _masked_softmax(s_BxNxLxS, mask_Bx1xLxS, h).astype(v_BxSxKxH.dtype)
+    return jnp.einsum('bnls,bsnh->blnh', p_BxNxLxS, v_BxSxKxH)
   q_BxLxKxGxH = q_BxLxNxH.reshape(b, length, k, n // k, h)
-  scores = [jnp.einsum(f'blkgh,{kv}h->bkgls', q_BxLxKxGxH, kk, preferred_element_type=jnp.float32)
-            for kk, _, kv in pairs]
-  p_BxKxGxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS[:, :, None], h).astype(
+  s_BxKxGxLxS = jnp.einsum('blkgh,bskh->bkgls', q_BxLxKxGxH, k_BxSxKxH,
+                           preferred_element_type=jnp.float32)
+  p_BxKxGxLxS = _masked_softmax(s_BxKxGxLxS, mask_Bx1xLxS[:, :, None], h).astype(
       v_BxSxKxH.dtype)
-  out_BxLxKxGxH = sum(jnp.einsum(f'bkgls,{kv}h->blkgh', p, vv)
-                      for p, (_, vv, kv) in zip(_split(p_BxKxGxLxS, pairs), pairs))
+  out_BxLxKxGxH = jnp.einsum('bkgls,bskh->blkgh', p_BxKxGxLxS, v_BxSxKxH)
   return out_BxLxKxGxH.reshape(b, length, n, h)
 
 
+def attend_cache(q_BxLxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+                 mask_Bx1xLxS: jax.Array, chunk: tuple) -> jax.Array:
+  """`attend` over a cache's keys and values [B, K, S, H] followed by the chunk's own
+  (`chunk` = (k, v) [B, L, K, H]), with every operand heads first.
+
+  The batched dots run over (batch, heads): with heads first they read the cache as it lies,
+  and the queries and the chunk's keys (a few tokens) are transposed instead. With the tokens
+  axis first XLA transposes the whole cache for every dot, and a chunk of more than one query
+  makes the score dot a slow loop (measured on CPU: 10x a 1-token step at 8 x 464 entries).
+  """
+  b, length, n, h = q_BxLxNxH.shape
+  k = k_BxKxSxH.shape[1]
+  first = lambda x: jnp.swapaxes(x, 1, 2)        # [B, L, K, H] -> [B, K, L, H]
+  pairs = [(k_BxKxSxH, v_BxKxSxH), (first(chunk[0]), first(chunk[1]))]
+  if n == k:
+    q_BxNxLxH = first(q_BxLxNxH)
+    scores = [jnp.einsum('bnlh,bnsh->bnls', q_BxNxLxH, kk, preferred_element_type=jnp.float32)
+              for kk, _ in pairs]
+    p_BxNxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS, h).astype(v_BxKxSxH.dtype)
+    out_BxNxLxH = sum(jnp.einsum('bnls,bnsh->bnlh', p, vv)
+                      for p, (_, vv) in zip(_split(p_BxNxLxS, pairs), pairs))
+    return first(out_BxNxLxH)
+  q_BxKxGxLxH = q_BxLxNxH.reshape(b, length, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  scores = [jnp.einsum('bkglh,bksh->bkgls', q_BxKxGxLxH, kk, preferred_element_type=jnp.float32)
+            for kk, _ in pairs]
+  p_BxKxGxLxS = _masked_softmax(_join(scores), mask_Bx1xLxS[:, :, None], h).astype(
+      v_BxKxSxH.dtype)
+  out_BxKxGxLxH = sum(jnp.einsum('bkgls,bksh->bkglh', p, vv)
+                      for p, (_, vv) in zip(_split(p_BxKxGxLxS, pairs), pairs))
+  return out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
+
+
 def _join(scores: list) -> jax.Array:
-  return scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
+  return jnp.concatenate(scores, axis=-1)
 
 
 def _split(p: jax.Array, pairs: list) -> list:
-  if len(pairs) == 1:
-    return [p]
-  s = pairs[0][0].shape[2 if pairs[0][2] == 'bks' else 1]
+  s = pairs[0][0].shape[2]
   return [p[..., :s], p[..., s:]]
 
 
@@ -279,8 +296,8 @@ class Attention(nn.Module):
       read_k, read_v = cache_k, cache_v
       if geo.read_slots is not None:
         read_k, read_v = (jnp.take(c, geo.read_slots, axis=-2) for c in (cache_k, cache_v))
-      out_BxLxNxH = attend(q_BxLxNxH, read_cache(read_k, dtype), read_cache(read_v, dtype),
-                           mask, extra=(k_BxLxKxH, v_BxLxKxH), heads_first=True)
+      out_BxLxNxH = attend_cache(q_BxLxNxH, read_cache(read_k, dtype),
+                                 read_cache(read_v, dtype), mask, (k_BxLxKxH, v_BxLxKxH))
       if whole:
         new_kv = (cache_k, cache_v)
       else:
