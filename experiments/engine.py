@@ -247,7 +247,8 @@ class Engine:
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
     fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.steps,
-           slots_lib.feed, slots_lib.resize, slots_lib.first_tokens, slots_lib.extract, slots_lib.restore, speculative.speculate)
+           slots_lib.feed, slots_lib.resize, slots_lib.first_tokens, slots_lib.extract,
+           slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
   # --- one engine iteration ----------------------------------------------------------------
@@ -329,7 +330,6 @@ class Engine:
       self._tok[entry.slot] = first[i]
       self._pos[entry.slot] = len(entry.request.prompt)
       self._carry[entry.slot] = -1
-      entry.span = bucket
       self._emit(entry, int(first[i]), events)
 
   def _decode(self, events: list) -> None:
