@@ -1,4 +1,4 @@
-"""The cost model against hand arithmetic on the arrays' shapes and an independent count of zeros."""
+"""The cost model against shape arithmetic and an independent count of zeros."""
 
 import flax.linen as nn
 import jax
