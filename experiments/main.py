@@ -7,7 +7,8 @@ compare (against the PyTorch peer) and decode_benchmark (no workdir), serve (--r
 --output, --slots, --draft: a JSONL file of requests through the serving engine),
 serve_benchmark (speculative decoding), cascade_benchmark (small model first),
 trace_benchmark (the engine vs static batching on a request trace), exit_benchmark (early
-exit on a run trained with exits) and http (--host, --port: an HTTP endpoint on the engine).
+exit on a run trained with exits), http (--host, --port: an HTTP endpoint on the engine),
+sweep (a sweep config's points; --point, --print_commands) and merge (their one report).
 Bad input and run-level failures print one line `error: ...` and exit 1 (see
 `experiments/cli.py`); `--resume=new|params` starts over in a workdir whose run has another
 configuration, archiving that run.
@@ -16,6 +17,8 @@ more is needed; elsewhere add --coordinator_address=HOST:PORT (process 0's) --nu
 --process_id=I.
 Kept short: this file parses flags; the runners and the library do the rest.
 """
+
+import sys
 
 from absl import app, flags, logging
 from etils import epath
@@ -71,6 +74,10 @@ _DRAFT_TOKENS = flags.DEFINE_list('draft_tokens', list(map(str, runners.Flags.dr
 _HOST = flags.DEFINE_string('host', runners.Flags.host, 'http: the address to listen on.')
 _PORT = flags.DEFINE_integer('port', runners.Flags.port, 'http: the port to listen on (0: any '
                              'free one).')
+_POINT = flags.DEFINE_integer('point', runners.Flags.point, 'sweep: run only this point (its '
+                              'index; -1: every point not done yet).')
+_PRINT_COMMANDS = flags.DEFINE_bool('print_commands', False, 'sweep: print one launch command '
+                                    'per point (to run on several machines) and run nothing.')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', list(sharding.distributed.MODES),
                                  'Join a multi-process run: auto (when an address is given or a '
                                  'TPU/Slurm/MPI launcher is detected), on, off.')
@@ -101,7 +108,11 @@ def main(argv):
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
                         variants=tuple(_VARIANTS.value), requests=_REQUESTS.value,
                         output=_OUTPUT.value, slots=_SLOTS.value, draft=_DRAFT.value,
-                        draft_tokens=draft_tokens, host=_HOST.value, port=_PORT.value)
+                        draft_tokens=draft_tokens, host=_HOST.value, port=_PORT.value,
+                        point=_POINT.value, print_commands=_PRINT_COMMANDS.value,
+                        # A sweep's launch commands repeat its --config arguments.
+                        command=_config_args(sys.argv[1:]) if mode in ('sweep', 'merge')
+                        else ())
   runners.check_flags(mode, given, workdir)
   runner = runners.get(mode)
   if runner.distributed:
@@ -116,6 +127,15 @@ def main(argv):
   text = runner.fn(config, workdir and epath.Path(workdir), given)
   if text is not None and lead:
     print(text)
+
+
+def _config_args(argv) -> tuple:
+  """The --config arguments of a command line (`--config=F`, `--config F`, `--config.x=v`)."""
+  out = []
+  for i, a in enumerate(argv):
+    if a.startswith('--config'):
+      out.append(a if '=' in a or i + 1 == len(argv) else f'{a}={argv[i + 1]}')
+  return tuple(out)
 
 
 def start(mode: str = 'train') -> None:

@@ -16,7 +16,7 @@ from etils import epath
 
 from experiments import (benchmark, cascade, compare, decode_benchmark, distill, endpoint,
                          exit_benchmark, prune, quantize, runtime, saved, serve,
-                         serve_benchmark, trace_benchmark, train)
+                         serve_benchmark, sweep, trace_benchmark, train)
 from experiments.errors import UserError
 
 
@@ -39,6 +39,9 @@ class Flags:
   draft_tokens: tuple = (4,)   # serve, http: proposals per pass; serve_benchmark: the k timed
   host: str = '127.0.0.1'  # http: the address listened on
   port: int = 8000         # http: the port listened on (0: any free one)
+  point: int = -1          # sweep: run only this point (-1: every point not done)
+  print_commands: bool = False   # sweep: print one launch command per point instead
+  command: tuple = ()      # sweep: the --config arguments the launch commands repeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,15 @@ def _serve(config, workdir, flags: Flags):
 def _http(config, workdir, flags: Flags):
   return endpoint.run(config, workdir, flags.host, flags.port, flags.slots, flags.draft,
                       flags.draft_tokens)
+
+
+def _sweep(config, workdir, flags: Flags):
+  return sweep.run(config, workdir, flags.point, flags.print_commands,
+                   flags.command or ('--config=<config>',))
+
+
+def _merge(config, workdir, flags: Flags):
+  return sweep.merge(config, workdir)
 
 
 def _serve_benchmark(config, workdir, flags: Flags):
@@ -163,6 +175,13 @@ RUNNERS = {
     'trace_benchmark': Runner(_trace_benchmark, 'replays a request trace (--requests, or a '
                               'synthetic one) through the engine and through static batching '
                               '(read-only)', flags=('requests', 'slots'), distributed=False),
+    'sweep': Runner(_sweep, 'runs a sweep config\'s points one after another in '
+                    '<workdir>/<point>/ (done ones skipped), one with --point, or prints '
+                    'one launch command per point (--print_commands)',
+                    flags=('point', 'print_commands', 'command'), distributed=False),
+    'merge': Runner(_merge, 'collects a sweep\'s finished points into one report.md, '
+                    'report.json and pareto.png in the workdir', flags=('command',),
+                    distributed=False),
     'http': Runner(_http, 'serves the newest checkpoint over HTTP on --host:--port '
                    '(POST /v1/completions, GET /health) until interrupted (read-only)',
                    flags=('host', 'port', 'slots', 'draft', 'draft_tokens'), distributed=False),
