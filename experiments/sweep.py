@@ -154,19 +154,20 @@ def merge(config, workdir) -> str:
   named = points(config)
   workdir = epath.Path(workdir)
   rows, missing = [], []
-  for name, _ in named:
+  for name, overrides in named:
     path = workdir / name / 'results.json'
     if not path.exists():
       missing.append(name)
       continue
+    # A row is its variant, with the point's other overrides after it.
+    rest = ', '.join(f'{f}={v}' for f, v in overrides.items() if f != 'variants')
     for row in report.from_results(
-        workdir_lib.read_json(path, f'point {name}\'s results')['rows'], prefix=name):
-      base = row['name'].split('/', 1)[1]
-      if base in BASELINES:   # every point scores the same source model first
-        if any(r['name'] == base for r in rows):
-          continue
-        row = dict(row, name=base)
-      rows.append(row)
+        workdir_lib.read_json(path, f'point {name}\'s results')['rows']):
+      if row['name'] in BASELINES:   # every point scores the same source model first
+        if not any(r['name'] == row['name'] for r in rows):
+          rows.append(row)
+        continue
+      rows.append(dict(row, name=f'{row["name"]} ({rest})' if rest else row['name']))
   if not rows:
     raise UserError(f'no point of this sweep has finished in {workdir}: run --mode=sweep first')
   title = f'Sweep of {len(named)} points ({config.sweep.mode})'

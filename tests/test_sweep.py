@@ -97,8 +97,8 @@ def test_merge_collects_every_point_into_one_report_and_plot(tmp_path):
       in text
   rows = json.loads((tmp_path / 'report.json').read_text())['rows']
   # The source model's row once (every point scores it), then each point's variant.
-  assert [r['name'] for r in rows] == ['float', 'variants-a-1_calibration_rows-8/a:1',
-                                       'variants-b-2_calibration_rows-16/b:2']
+  assert [r['name'] for r in rows] == ['float', 'a:1 (calibration_rows=8)',
+                                       'b:2 (calibration_rows=16)']
   assert rows[1]['bytes_ratio'] == pytest.approx(800 / 4000)
   assert rows[2]['speedup'] == pytest.approx(2.0)
   assert rows[2]['quality_change'] == pytest.approx(1 / 16)
