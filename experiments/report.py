@@ -102,7 +102,7 @@ def plot(rows: list, path, title: str = '') -> None:
   tmp = epath.Path(str(path) + '.tmp.png')
   fig.savefig(str(tmp), dpi=110)
   plt.close(fig)
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def write(workdir, rows: list, title: str = '', baseline: Optional[str] = None,

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from etils import epath
 
 from experiments import (benchmark, cascade, compare, decode_benchmark, distill, endpoint,
-                         exit_benchmark, prune, quantize, runtime, saved, serve,
+                         exit_benchmark, prune, quantize, recipe, runtime, saved, serve,
                          serve_benchmark, sweep, trace_benchmark, train)
 from experiments.errors import UserError
 
@@ -113,6 +113,10 @@ def _merge(config, workdir, flags: Flags):
   return sweep.merge(config, workdir)
 
 
+def _recipe(config, workdir, flags: Flags):
+  return recipe.run(config, workdir)
+
+
 def _serve_benchmark(config, workdir, flags: Flags):
   return serve_benchmark.run(config, workdir, flags.draft, flags.draft_tokens,
                              flags.batch_sizes, flags.steps)
@@ -182,6 +186,9 @@ RUNNERS = {
     'merge': Runner(_merge, 'collects a sweep\'s finished points into one report.md, '
                     'report.json and pareto.png in the workdir', flags=('command',),
                     distributed=False),
+    'recipe': Runner(_recipe, 'runs a recipe\'s stages (train, prune, distill, quantize) in '
+                     '<workdir>/<i>-<stage>/, finished ones skipped, then writes its report',
+                     distributed=False),
     'http': Runner(_http, 'serves the newest checkpoint over HTTP on --host:--port '
                    '(POST /v1/completions, GET /health) until interrupted (read-only)',
                    flags=('host', 'port', 'slots', 'draft', 'draft_tokens'), distributed=False),

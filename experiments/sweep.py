@@ -85,23 +85,29 @@ def point_config(config, overrides: dict) -> ml_collections.ConfigDict:
   """The runner's config of one point: `config` without its sweep block, with `overrides`."""
   out = ml_collections.ConfigDict(config.to_dict())
   del out['sweep']
+  return overridden(out, overrides, 'config.sweep')
+
+
+def overridden(config, overrides: dict, who: str) -> ml_collections.ConfigDict:
+  """`config` (changed in place) with {dotted field: value} `overrides`; a field it does not
+  have, or a value of another type, is one line naming `who` set it."""
   for field, value in overrides.items():
     *parents, leaf = str(field).split('.')
-    node = out
+    node = config
     for i, key in enumerate(parents):
       if key not in node or not isinstance(node[key], ml_collections.ConfigDict):
-        raise UserError(f'config.sweep overrides config.{field}, but config.'
+        raise UserError(f'{who} overrides config.{field}, but config.'
                         f'{".".join(parents[:i + 1])} is not a group of this config')
       node = node[key]
     if leaf not in node:
-      raise UserError(f'config.sweep overrides config.{field}, which this config does not '
+      raise UserError(f'{who} overrides config.{field}, which this config does not '
                       f'have; its fields: {", ".join(sorted(node.keys()))}')
     try:
       node[leaf] = value
     except TypeError:
-      raise UserError(f'config.sweep sets config.{field}={value!r}, but that field holds a '
+      raise UserError(f'{who} sets config.{field}={value!r}, but that field holds a '
                       f'{type(node[leaf]).__name__}') from None
-  return out
+  return config
 
 
 def launch_commands(config_args: tuple, workdir, named: list) -> list:

@@ -1,6 +1,7 @@
 """Sweeps from config files and their merged reports, on a toy config and a stand-in runner."""
 
 import json
+import re
 
 import ml_collections
 import pytest
@@ -54,7 +55,7 @@ def test_product_and_points_expand_in_order_with_names():
     (toy(product=(), points=({},)), 'must be a non-empty dict of overrides'),
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, config, message):
-  with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')) as e:
+  with pytest.raises(UserError, match=re.escape(message)) as e:
     sweep.run(config, tmp_path / 'w', run_point=fake_runner([]))
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'w').exists()
