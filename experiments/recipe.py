@@ -31,6 +31,7 @@ import re
 import time
 from typing import Optional
 
+import jax
 import ml_collections
 from etils import epath
 
@@ -146,7 +147,8 @@ def run(config, workdir, run_stage=None) -> str:
   if not rows:
     return f'{len(stages)} stages done in {time.perf_counter() - start:.0f} s (no compression ' \
            f'stage: nothing to report)'
-  report.write(workdir, rows, title=str(config.get('title') or f'Recipe in {workdir}'))
+  report.write(workdir, rows, title=str(config.get('title') or f'Recipe in {workdir}'),
+               device=jax.devices()[0].device_kind)
   return (workdir / 'report.md').read_text()
 
 
