@@ -1,0 +1,16 @@
+"""Not collected by the suite (no test_ prefix): tests/test_crash_rerun.py runs it under xdist.
+
+Its one test kills its own process with SIGSEGV while the file named by FRUGAL_CRASHES holds a
+positive count, decrementing it first: a native crash that happens a given number of times."""
+
+import os
+import pathlib
+import signal
+
+
+def test_crashes_while_the_count_lasts():
+  counter = pathlib.Path(os.environ['FRUGAL_CRASHES'])
+  left = int(counter.read_text())
+  if left > 0:
+    counter.write_text(str(left - 1))
+    os.kill(os.getpid(), signal.SIGSEGV)

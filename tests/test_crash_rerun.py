@@ -1,0 +1,25 @@
+"""A test whose xdist worker crashes runs once more in a fresh process (tests/conftest.py):
+one crash then a pass passes, and is reported; two crashes fail."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.runs import ROOT
+
+
+@pytest.mark.parametrize('crashes,outcome', [(1, '1 passed'), (2, '1 failed')])
+def test_a_crashed_worker_s_test_is_judged_by_one_fresh_run(tmp_path, crashes, outcome):
+  counter = tmp_path / 'crashes'
+  counter.write_text(str(crashes))
+  run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '1', '-p', 'no:cacheprovider',
+                        'tests/crash_case.py'], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, 'FRUGAL_CRASHES': str(counter)},
+                       timeout=600)
+  out = run.stdout + run.stderr
+  assert outcome in out, out[-3000:]
+  assert "crashed while running 'tests/crash_case.py::test_crashes_while_the_count_lasts'" in out
+  assert counter.read_text() == '0'
+  assert (run.returncode == 0) == (crashes == 1)
