@@ -332,11 +332,13 @@ def teacher_form(config, teacher, params):
 def _run(config, workdir, src, variants) -> list:
   step, float_teacher, tokenizer, float_params = source.load(config, src)
   teacher, teacher_params = teacher_form(config, float_teacher, float_params)
+  timing_batch = source.calibration_batches(config, src, tokenizer, 1, config.seed)[0]
   rows = [dict(variant='teacher', nats_per_byte=source.evaluate(src, teacher, teacher_params,
                                                                   tokenizer),
-               params=_count(float_params), layers=teacher.config.n_layers,
-               d_ff=teacher.config.d_ff, dtype=config.teacher_dtype or None,
-               quantized=config.teacher_quantized or None)]
+               layers=teacher.config.n_layers, d_ff=teacher.config.d_ff,
+               dtype=config.teacher_dtype or None, quantized=config.teacher_quantized or None,
+               **source.cost_figures(teacher, teacher_params, src.data.seq_len),
+               **source.measured(teacher, teacher_params, timing_batch, config.decode_tokens))]
   logging.info('teacher: %s', rows[0])
   frozen = {distill_lib.TEACHER: (teacher_params, layouts.logical_names(teacher))}
   for v in variants:
@@ -373,15 +375,17 @@ def _run(config, workdir, src, variants) -> list:
           k=spec.top_k, num_steps=config.num_steps,
           teacher=dict(workdir=origin['source_workdir'], step=step))
       extras = teacher_logits.Reader(folder)
-    metrics = finetune.run(sub, workdir / 'students' / source.slug(v['spec']), start,
+    student_dir = workdir / 'students' / source.slug(v['spec'])
+    metrics = finetune.run(sub, student_dir, start,
                            source_workdir=config.source_workdir, make_loss=make_loss,
                            frozen=None if spec is None or v['offline'] else frozen,
                            batch_extras=extras)
+    student, trained = Transformer(cfg), finetune.trained_params(sub, student_dir)
     row = dict(variant=v['spec'], nats_per_byte=metrics['nats_per_byte'],
-               params=_count(jax.eval_shape(lambda: Transformer(cfg).init(
-                   jax.random.key(0), np.zeros((1, 1), np.int32)))),
                layers=cfg.n_layers, d_ff=cfg.d_ff, init=v['init'], loss=v['loss'],
-               kd=origin['kd'], steps=config.num_steps)
+               kd=origin['kd'], steps=config.num_steps,
+               **source.cost_figures(student, trained, src.data.seq_len),
+               **source.measured(student, trained, timing_batch, config.decode_tokens))
     logging.info('%s: %s', v['spec'], row)
     rows.append(row)
   source.write_results(workdir, config, rows, _table(rows))
@@ -417,10 +421,6 @@ def _check_seqkd(g) -> None:
     value = g[field]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
       raise UserError(f'config.seqkd.{field}={value!r} must be {allowed}')
-
-
-def _count(tree) -> int:
-  return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
 
 def _table(rows) -> str:

@@ -143,7 +143,7 @@ def _run(config, workdir, src, variants) -> list:
   timing_batch = calib[0]
   rows = [dict(variant='dense', params=_count(params), nonzero=_count(params, nonzero=True),
                nats_per_byte=source.evaluate(src, model, params, tokenizer),
-               forward_ms=source.forward_ms(model, params, timing_batch),
+               **source.measured(model, params, timing_batch, config.decode_tokens),
                **_report(model, params, src.data.seq_len))]
   logging.info('dense: %s', rows[0])
   grads_fn = lambda: compression.calibration.gradients(
@@ -172,7 +172,8 @@ def _run(config, workdir, src, variants) -> list:
     row = dict(variant=v['spec'], prune_s=time.perf_counter() - t0, params=_count(new_params),
                nonzero=_count(new_params, nonzero=True),
                nats_per_byte=source.evaluate(src, new_model, new_params, tokenizer),
-               forward_ms=source.forward_ms(new_model, new_params, timing_batch),
+               **source.measured(new_model, new_params, timing_batch,
+                                 config.decode_tokens),
                **_report(new_model, new_params, src.data.seq_len))
     if config.finetune_steps:
       tuned, _, _ = _finetune(config, src, workdir, source.slug(v['spec']), new_model, new_params,

@@ -139,7 +139,8 @@ def _run(config, workdir, src, variants) -> list:
   step, model, tokenizer, params, calib = source.start(config, src)
   float_bytes = quantize_lib.weight_bytes(params)
   rows = [dict(variant='float', nats_per_byte=source.evaluate(src, model, params, tokenizer),
-               weight_bytes=float_bytes, forward_ms=source.forward_ms(model, params, calib[0]))]
+               weight_bytes=float_bytes, **source.cost_figures(model, params, src.data.seq_len),
+               **source.measured(model, params, calib[0], config.decode_tokens))]
   logging.info('float: %s', rows[0])
   for v in variants:
     start, tuned, tune_config = params, {}, None
@@ -154,7 +155,8 @@ def _run(config, workdir, src, variants) -> list:
     row = dict(variant=v['spec'], quantize_s=time.perf_counter() - t0, **tuned,
                nats_per_byte=source.evaluate(src, model, new, tokenizer),
                weight_bytes=quantize_lib.weight_bytes(new), **_quantized_bytes(params, new),
-               forward_ms=source.forward_ms(model, new, calib[0]))
+               **source.cost_figures(model, new, src.data.seq_len),
+               **source.measured(model, new, calib[0], config.decode_tokens))
     row['disk_bytes'] = saved.save(workdir / 'params' / source.slug(v['spec']), new,
                                    _origin(v, config, step))
     logging.info('%s: %s', v['spec'], row)

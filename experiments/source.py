@@ -20,11 +20,14 @@ import numpy as np
 from etils import epath
 
 import sharding
-from compression import smoothing
-from experiments import data, runtime, steps, validate
+from compression import cost, smoothing
+from experiments import data, memory, runtime, steps, validate
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
-from models import Transformer, hf, layouts, unstack_layers
+from models import Transformer, decode, hf, layouts, unstack_layers
+
+# The timed decode's prompt: the first tokens of the timing batch's first row.
+PROMPT_TOKENS = 16
 
 
 def source_config(source_workdir) -> ml_collections.ConfigDict:
@@ -64,6 +67,7 @@ def check(config, workdir, mode: str):
   for name in ('calibration_batches', 'calibration_rows'):
     positive_int(config, name)
   positive_int(config, 'seed', 0)
+  positive_int(config, 'decode_tokens', 0)
   positive_int(config.outliers, 'channels', 0)
   factor = config.outliers.factor
   if config.outliers.channels and (isinstance(factor, bool) or
@@ -83,6 +87,10 @@ def check(config, workdir, mode: str):
     validate.check_run(src, epath.Path(config.source_workdir))
     cfg = steps.model_config(src, src.data.vocab_size)
   cfg = cfg.replace(scan_layers=False)
+  if cfg.position == 'learned' and PROMPT_TOKENS + config.decode_tokens > cfg.max_len:
+    raise UserError(f'config.decode_tokens={config.decode_tokens}: the timed decode of '
+                    f'{PROMPT_TOKENS} prompt tokens + decode_tokens exceeds the model\'s '
+                    f'max_len={cfg.max_len}; allowed: 0 to {max(cfg.max_len - PROMPT_TOKENS, 0)}')
   if config.outliers.channels > cfg.d_model:
     raise UserError(f'config.outliers.channels={config.outliers.channels} exceeds the model\'s '
                     f'{cfg.d_model} channels')
@@ -120,14 +128,19 @@ def load(config, src):
   else:
     step, model, tokenizer, params, _ = runtime.load_params(src, config.source_workdir)
     params = steps.model_only(params)   # a QAT source's float weights, not its scales
-  if model.config.scan_layers:
-    params = unstack_layers(params, model.config)
-    model = Transformer(model.config.replace(scan_layers=False))
-  params = jax.device_get(params)
+  model, params = unrolled(model, params)
   if config.outliers.channels:   # the testbed: the float function is unchanged
     params = smoothing.plant_outliers(params, model.config, config.outliers.channels,
                                       config.outliers.factor, seed=config.seed)
   return step, model, tokenizer, params
+
+
+def unrolled(model, params):
+  """(model, host parameters) with scanned layers unstacked: the form runners work on."""
+  if model.config.scan_layers:
+    params = unstack_layers(params, model.config)
+    model = Transformer(model.config.replace(scan_layers=False))
+  return model, jax.device_get(params)
 
 
 def start(config, src):
@@ -155,13 +168,70 @@ def evaluate(src, model, params, tokenizer) -> float:
 def forward_ms(model, params, batch, repeats: int = 5) -> float:
   """Median wall time of the jitted forward pass on `batch`, in milliseconds."""
   fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  jax.block_until_ready(fwd(params, batch['inputs']))
+  return 1e3 * _median_s(lambda: fwd(params, batch['inputs']), repeats)
+
+
+def measured(model, params, batch, decode_tokens: int) -> dict:
+  """What a variant costs to run here, for its results row: `forward_ms` (the forward pass on
+  `batch`), `decode_tokens_per_s` (greedy decoding of `decode_tokens` tokens for one request,
+  its prefill included: serving one user), `decode_peak_bytes` (the decode program's bytes by
+  XLA's buffer assignment: weights, KV cache and temporaries) and the `device`. No decode
+  figures when `decode_tokens` is 0."""
+  out = dict(forward_ms=forward_ms(model, params, batch), device=jax.devices()[0].device_kind)
+  if decode_tokens:
+    prompt = [np.asarray(batch['inputs'][0, :PROMPT_TOKENS]).tolist()]
+    lowered, args = decode.lower_greedy(model, params, prompt, decode_tokens)
+    compiled = lowered.compile()
+    seconds = _median_s(lambda: compiled(*args))
+    out.update(decode_tokens_per_s=decode_tokens / seconds,
+               decode_peak_bytes=memory.compiled_bytes(compiled))
+  return out
+
+
+def timed_together(models: dict, batch, decode_tokens: int, rounds: int = 5) -> dict:
+  """{name: forward_ms, decode_tokens_per_s} of several `(model, params)` timed in one process
+  in alternating rounds (each round times every model once, forward then decode), medians over
+  the rounds: a comparison that a drift of the machine's speed does not bias. Decoding as in
+  `measured`: greedy, one request of `PROMPT_TOKENS` prompt tokens, `decode_tokens` new ones."""
+  prompt = [np.asarray(batch['inputs'][0, :PROMPT_TOKENS]).tolist()]
+  calls = {}
+  for name, (model, params) in models.items():   # compile everything before timing anything
+    fwd = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x))
+    lowered, args = decode.lower_greedy(model, params, prompt, decode_tokens)
+    program = lowered.compile()
+    calls[name] = (lambda fwd=fwd, p=params: fwd(p, batch['inputs']),
+                   lambda program=program, args=args: program(*args))
+    for call in calls[name]:
+      jax.block_until_ready(call())
+  times = {name: ([], []) for name in models}
+  for _ in range(rounds):
+    for name, pair in calls.items():
+      for call, out in zip(pair, times[name]):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        out.append(time.perf_counter() - t0)
+  return {name: dict(forward_ms=1e3 * float(np.median(f)),
+                     decode_tokens_per_s=decode_tokens / float(np.median(d)))
+          for name, (f, d) in times.items()}
+
+
+def cost_figures(model, params, seq_len: int) -> dict:
+  """The cost model's figures of a parameter tree (`compression.cost`): bytes by storage type,
+  parameters, non-zero parameters, and forward FLOPs per token at `seq_len` (active, and
+  effective: minus what its zero weights multiply)."""
+  f = cost.flops_per_token(model.config, params, seq_len)
+  return dict(storage_bytes=cost.storage_bytes(params), **cost.counts(params),
+              flops_per_token=f['active'], effective_flops_per_token=f['effective'])
+
+
+def _median_s(fn, repeats: int = 3) -> float:
+  jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fwd(params, batch['inputs']))
+    jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(times))
+  return float(np.median(times))
 
 
 def slug(spec: str) -> str:

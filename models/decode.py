@@ -102,6 +102,22 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                    storage=storage)
 
 
+def lower_greedy(model, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 kv_cache_dtype: Optional[str] = None):
+  """`generate`'s greedy program for `prompts`, lowered, with the arguments it takes:
+  `(lowered, args)`; `lowered.compile()(*args)` decodes exactly `max_new_tokens` tokens (no stop
+  tokens) and the compiled program's memory analysis is what decoding holds on the device."""
+  if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
+    raise ValueError(f'lower_greedy: needs non-empty prompts and max_new_tokens >= 1, got '
+                     f'{len(prompts)} prompts and max_new_tokens={max_new_tokens}')
+  tokens, seg, positions = pad_prompts(prompts)
+  args = (params, tokens, seg, positions, jax.random.key(0))
+  lowered = _generate.lower(*args, model=model, max_new_tokens=max_new_tokens, temperature=0.0,
+                            top_k=None, top_p=None, stop_tokens=(), pad_id=0,
+                            storage=cache_storage(model.config, kv_cache_dtype))
+  return lowered, args
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
                                              'top_p', 'stop_tokens', 'pad_id', 'storage'))
 def _generate(params, tokens_BxL, seg_BxL, pos_BxL, rng, *, model, max_new_tokens, temperature,

@@ -41,6 +41,10 @@ def test_students_train_through_the_loop_and_write_a_row_each(source, tmp_path):
   assert rows[5]['kd']['features'] == [[0, 1]]   # student layer 0 <- the teacher's last layer
   assert rows[4]['d_ff'] == teacher['d_ff'] // 2 and rows[4]['params'] < teacher['params']
   assert all(np.isfinite(r['nats_per_byte']) for r in rows)
+  # Every row is measured: the smaller student decodes from fewer bytes than the teacher.
+  assert all(r['decode_tokens_per_s'] > 0 for r in rows)
+  assert sum(rows[4]['storage_bytes'].values()) < sum(teacher['storage_bytes'].values())
+  assert rows[4]['decode_peak_bytes'] < teacher['decode_peak_bytes']
   assert rows[2]['kd']['temperature'] == 2.0 and rows[4]['kd']['divergence'] == 'jsd'
   for name, kd in (('scratch-ce', False), ('scratch-kd-t2', True), ('ffn50-jsd', True)):
     logged = [r for r in records(tmp_path / 'students' / name) if 'train_loss' in r]

@@ -52,6 +52,14 @@ def test_runner_writes_a_row_per_variant_and_integer_checkpoints(source, quantiz
   assert int4['quantized_bytes'] < 0.7 * int8['quantized_bytes']   # a float scale per 16
   assert int2['quantized_bytes'] < int4['quantized_bytes']
   assert abs(int8['nats_per_byte'] / rows[0]['nats_per_byte'] - 1) < 0.005
+  # The cost model's figures: the same parameters and FLOPs, the bytes moved to int8 and scales.
+  assert int8['params'] == rows[0]['params'] and int8['flops_per_token'] == rows[0][
+      'flops_per_token']
+  assert int8['storage_bytes']['int8'] == int8['quantized_float_bytes'] // 4
+  assert sum(int8['storage_bytes'].values()) == int8['weight_bytes']
+  # Each row timed its decoding; the int8 tree's decode program holds fewer bytes.
+  assert all(r['decode_tokens_per_s'] > 0 and r['device'] for r in rows)
+  assert int8['decode_peak_bytes'] < rows[0]['decode_peak_bytes']
   # Each variant's parameters restore as integers from <workdir>/params/<variant>.
   restored = saved.load(tmp_path / 'params' / 'rtn-int8')
   leaf = restored['blocks_0']['mlp']['down']['kernel']

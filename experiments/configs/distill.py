@@ -68,6 +68,9 @@ def get_config(arg: str = 'half') -> ml_collections.ConfigDict:
   config.seqkd.weight = 0.5
   config.seqkd.seed = 0
   config.seqkd.data_dir = ''
+  # Each row's timed greedy decode: this many new tokens for one request (0: forward pass
+  # only); its tokens/s and the decode program's bytes go into results and reports.
+  config.decode_tokens = 32
   # What the shared source checks read (unused by distillation itself).
   config.calibration_batches = 1
   config.calibration_rows = 8

@@ -55,6 +55,9 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   # loss of `kd`, the dense source model as the teacher).
   config.recover = 'finetune'
   config.kd = base.kd_config()
+  # Each row's timed greedy decode: this many new tokens for one request (0: forward pass
+  # only); its tokens/s and the decode program's bytes go into results and reports.
+  config.decode_tokens = 32
   config.seed = 0
   config.outliers = outliers(4 if arg == 'testbed' else 0)   # the outlier testbed
   # Where evaluations and fine-tunes run (fine-tunes are training runs in

@@ -53,6 +53,9 @@ def get_config(arg: str = 'sweep') -> ml_collections.ConfigDict:
   config.kd = base.kd_config()
   config.calibration_batches = 8      # batches of calibration_rows training rows
   config.calibration_rows = 16
+  # Each row's timed greedy decode: this many new tokens for one request (0: forward pass
+  # only); its tokens/s and the decode program's bytes go into results and reports.
+  config.decode_tokens = 32
   config.seed = 0
   config.outliers = prune.outliers(4 if arg == 'testbed' else 0)   # the outlier testbed
   # Where evaluations run. Unset sizes and '' keep the source run's mesh and rules.
