@@ -20,9 +20,11 @@ A finished stage leaves <stage>/stage.json; running the recipe again skips it an
 interrupted one where its runner continues (training and fine-tunes from their checkpoints).
 The report (report.json, report.md, pareto.png in the workdir) has the source model as the
 baseline row and one row per compression stage: its quality (after any fine-tune), bytes,
-FLOPs per token and timed forward pass, with ratios to the baseline. Bad recipes (an unknown
-mode, an input that does not exist, an override of an unknown field, no stages) are one line
-each, found before anything runs or is written.
+FLOPs per token, forward pass and greedy decode (every model timed again together, in one
+process: `experiments.retime`), with ratios to the baseline, and each stage's wall time;
+`price_per_hour` in the config adds a price per million decoded tokens. Bad recipes (an
+unknown mode, an input that does not exist, an override of an unknown field, no stages, a bad
+price or timing setting) are one line each, found before anything runs or is written.
 """
 
 import dataclasses
@@ -35,7 +37,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from experiments import report, source, sweep
+from experiments import report, retime, source, sweep
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -75,6 +77,14 @@ def plan(config, workdir) -> list:
   if not stages:
     raise UserError('config.stages is empty: a recipe needs at least one stage, e.g. '
                     "dict(name='train', mode='train', config='experiments/configs/shakespeare.py')")
+  for field in ('decode_tokens', 'timing_rounds'):
+    value = config.get(field, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f'config.{field}={value!r} must be an integer >= 1')
+  price = config.get('price_per_hour') or 0
+  if isinstance(price, bool) or not isinstance(price, (int, float)) or price < 0:
+    raise UserError(f'config.price_per_hour={price!r} must be a number >= 0 (USD per hour of the '
+                    f'machine the report is measured on; 0: no prices)')
   out, names = [], set()
   previous: Optional[Stage] = None
   for i, d in enumerate(stages):
@@ -144,12 +154,62 @@ def run(config, workdir, run_stage=None) -> str:
     workdir_lib.write_json(marker, dict(name=st.name, mode=st.mode, config=st.config.to_dict(),
                                         seconds=time.perf_counter() - t0))
   rows = report_rows(stages)
+  if rows:
+    rows = timed_together(config, stages, rows)
   if not rows:
     return f'{len(stages)} stages done in {time.perf_counter() - start:.0f} s (no compression ' \
            f'stage: nothing to report)'
+  times = [dict(name=st.name, mode=st.mode, seconds=workdir_lib.read_json(
+      st.workdir / 'stage.json', f'stage {st.name}\'s marker')['seconds']) for st in stages]
   report.write(workdir, rows, title=str(config.get('title') or f'Recipe in {workdir}'),
-               device=jax.devices()[0].device_kind)
+               device=jax.devices()[0].device_kind, price_per_hour=config.get('price_per_hour'),
+               notes=stage_times(times), extra=dict(stages=times))
   return (workdir / 'report.md').read_text()
+
+
+def stage_times(times: list) -> str:
+  """One line of each stage's wall time and the compression stages' share of training's."""
+  line = 'Stage wall times: ' + ', '.join(f"{t['name']} {t['seconds']:.0f} s" for t in times)
+  trained = sum(t['seconds'] for t in times if t['mode'] == 'train')
+  compressed = sum(t['seconds'] for t in times if t['mode'] != 'train')
+  if trained:
+    line += f'; compression {compressed:.0f} s = {compressed / trained:.2f} of training\'s'
+  return line + ' (a stage resumed after an interruption counts its last run only).'
+
+
+def timed_together(config, stages: list, rows: list) -> list:
+  """The rows with every model they name timed again in this process (`experiments.retime`)."""
+  models, base = {}, None
+  for row, (path, quantized) in zip(rows, _made(stages)):
+    if quantized is not None:
+      loaded = retime.load_variant(quantized.config, quantized.workdir,
+                                   str(quantized.config.variants))
+    else:
+      loaded = None if path is None else retime.load_run(path)
+      base = base or loaded
+    if loaded is not None:
+      models[row['name']] = loaded[:2]
+  if base is None:
+    return [dict(r, timed_in_stage=True) for r in rows]
+  first = next(st for st in stages if st.mode != 'train')
+  return retime.apply(rows, models, first.config, base[3], base[2],
+                      int(config.get('decode_tokens') or 128),
+                      int(config.get('timing_rounds') or 15))
+
+
+def _made(stages: list) -> list:
+  """(training-run folder or None, quantization stage or None) of the model behind each report
+  row: the first compression stage's input, then what each compression stage made."""
+  out = []
+  for i, st in enumerate(stages):
+    if st.mode == 'train':
+      continue
+    if not out:
+      out.append((stages[i - 1].output if i else
+                  (None if st.config.get('hf_path') else epath.Path(st.config.source_workdir)),
+                  None))
+    out.append((None, st) if st.mode == 'quantize' else (st.output, None))
+  return out
 
 
 def report_rows(stages: list) -> list:

@@ -31,7 +31,7 @@ import time
 import ml_collections
 from etils import epath
 
-from experiments import report
+from experiments import report, retime, source
 from experiments import workdir as workdir_lib
 from experiments.errors import UserError
 
@@ -154,12 +154,22 @@ def run(config, workdir, point: int = -1, print_commands: bool = False,
           + (f'; not yet: {", ".join(left)}' if left else '; merge with --mode=merge'))
 
 
+def _made(mode: str, config, point: epath.Path, variant: str):
+  """(model, params) a point made for `variant`, where it is kept: a saved quantized variant,
+  a pruned model's fine-tune run, a student's run; else None."""
+  if mode == 'quantize':
+    return retime.load_variant(config, point, variant)
+  run = point / ('finetune' if mode == 'prune' else 'students') / source.slug(variant)
+  loaded = retime.load_run(run)
+  return None if loaded is None else loaded[:2]
+
+
 def merge(config, workdir) -> str:
   """One report (report.json, report.md, pareto.png in `workdir`) of every finished point's
   rows; the points not finished are named."""
   named = points(config)
   workdir = epath.Path(workdir)
-  rows, missing = [], []
+  rows, missing, models = [], [], {}
   for name, overrides in named:
     path = workdir / name / 'results.json'
     if not path.exists():
@@ -174,10 +184,22 @@ def merge(config, workdir) -> str:
           rows.append(row)
         continue
       rows.append(dict(row, name=f'{row["name"]} ({rest})' if rest else row['name']))
+      loaded = _made(config.sweep.mode, point_config(config, overrides), workdir / name,
+                     row['name'])
+      if loaded is not None:
+        models[rows[-1]['name']] = loaded
   if not rows:
     raise UserError(f'no point of this sweep has finished in {workdir}: run --mode=sweep first')
+  base = (None if config.get('hf_path') or not config.get('source_workdir') else
+          retime.load_run(config.source_workdir))
+  if base is not None and rows[0]['name'] in BASELINES:
+    models[rows[0]['name']] = base[:2]
+    rows = retime.apply(rows, models, config, base[3], base[2],
+                        int(config.sweep.get('decode_tokens') or 128),
+                        int(config.sweep.get('timing_rounds') or 15))
   title = f'Sweep of {len(named)} points ({config.sweep.mode})'
-  out = report.write(workdir, rows, title)
+  out = report.write(workdir, rows, title, price_per_hour=config.sweep.get('price_per_hour'),
+                     device=str(rows[0].get('device') or ''))
   text = (workdir / 'report.md').read_text()
   return text + (f'\nNot finished yet: {", ".join(missing)}\n' if missing else '') + (
       f'\n{len(out)} rows from {len(named) - len(missing)} points; plot: '

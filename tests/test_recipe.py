@@ -57,6 +57,7 @@ TRAIN = dict(name='train', mode='train', config='experiments/configs/shakespeare
     (stages(TRAIN, TRAIN), "stage 'train': stage names must be unique"),
     (stages(dict(TRAIN, what=1)), "stage 'train': unknown key 'what'"),
     (stages('train'), 'config.stages[0] must be a dict with name, mode and config'),
+    (stages(TRAIN, price_per_hour=-1.0), 'config.price_per_hour=-1.0 must be a number >= 0'),
 ])
 def test_bad_recipes_are_one_line_and_write_nothing(tmp_path, config, message):
   with pytest.raises(UserError, match=re.escape(message)) as e:
@@ -75,9 +76,10 @@ def test_stages_read_what_the_stage_before_made_and_finished_ones_are_skipped(tm
   def fake(mode, c, workdir):
     ran.append((mode, str(workdir), c.get('source_workdir')))
     if mode != 'train':
-      rows = [dict(variant='dense', nats_per_byte=2.0, dense_bytes=1000, forward_ms=4.0),
+      rows = [dict(variant='dense', nats_per_byte=2.0, dense_bytes=1000, forward_ms=4.0,
+                   decode_tokens_per_s=100.0),
               dict(variant=c.variants, nats_per_byte=2.1, sparse_bytes=600, forward_ms=3.0,
-                   finetuned_nats_per_byte=2.05)]
+                   finetuned_nats_per_byte=2.05, decode_tokens_per_s=200.0)]
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / 'results.json').write_text(json.dumps(dict(rows=rows)))
   recipe.run(config, tmp_path, run_stage=fake)
@@ -88,7 +90,17 @@ def test_stages_read_what_the_stage_before_made_and_finished_ones_are_skipped(tm
   rows = json.loads((tmp_path / 'report.json').read_text())['rows']
   assert [r['name'] for r in rows] == ['train', 'p', 'q']
   assert rows[1]['nats_per_byte'] == 2.05 and rows[1]['bytes_ratio'] == pytest.approx(0.6)
+  assert rows[1]['decode_speedup'] == pytest.approx(2.0)
   assert (tmp_path / 'pareto.png').exists()
+  # A price per hour prices a million decoded tokens: 3.6 USD/h at 200 tokens/s is 5 USD.
+  config.price_per_hour = 3.6
+  recipe.run(config, tmp_path, run_stage=fake)
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['rows'][1]['usd_per_million_tokens'] == pytest.approx(5.0)
+  assert [t['name'] for t in report['stages']] == ['train', 'p', 'q']
+  text = (tmp_path / 'report.md').read_text()
+  assert '$ per M tokens' in text and '| 5.0000 |' in text
+  assert 'Stage wall times: train ' in text and "of training's" in text
   ran.clear()
   recipe.run(config, tmp_path, run_stage=fake)
   assert not ran and 'stage 2 of 3: p (prune) is done' in capsys.readouterr().out
@@ -113,13 +125,15 @@ def test_an_interrupted_recipe_continues_to_the_report_of_an_uninterrupted_one(
   recipe.run(tiny_recipe(data_dir), tmp_path / 'cut')
   assert whole.count('|') > 20
   read = lambda d: json.loads((tmp_path / d / 'report.json').read_text())['rows']
+  assert all(r['decode_tokens_per_s'] > 0 and r['peak_bytes'] > 0 for r in read('whole'))
   for a, b in zip(read('whole'), read('cut'), strict=True):
-    for key in ('name', 'nats_per_byte', 'bytes', 'bytes_ratio', 'quality_change'):
+    for key in ('name', 'nats_per_byte', 'bytes', 'bytes_ratio', 'quality_change',
+                'flops_per_token', 'peak_bytes'):
       assert a[key] == b[key], key
 
 
 def test_the_declared_recipes_plan(tmp_path):
-  for name in ('default', 'int4'):
+  for name in recipe_configs.RECIPES:
     planned = recipe.plan(recipe_configs.get_config(name), tmp_path)
     assert planned[0].mode == 'train' and planned[-1].mode == 'quantize'
   assert not list(tmp_path.iterdir())

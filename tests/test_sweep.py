@@ -109,14 +109,23 @@ def test_merge_collects_every_point_into_one_report_and_plot(tmp_path):
 
 def test_report_rows_from_each_runners_results():
   prune = dict(variant='wanda:0.5', nats_per_byte=1.6, finetuned_nats_per_byte=1.55,
-               sparse_bytes=900, dense_bytes=1600, effective_flops_per_token=5e6,
-               forward_ms=1.0)
+               sparse_bytes=900, dense_bytes=1600, effective_flops_per_token=5e6, sparsity=0.5,
+               forward_ms=1.0, decode_tokens_per_s=50.0, decode_peak_bytes=3000, device='cpu')
   quant = dict(variant='rtn:int8', nats_per_byte=1.46, weight_bytes=400, forward_ms=2.0)
   cached = dict(variant='kv_cache:int8', nats_per_byte=1.46, weight_bytes=1600)
   unscored = dict(variant='x')
+  dense = dict(variant='dense', nats_per_byte=1.5, sparse_bytes=1700, dense_bytes=1600)
+  assert report.from_results([dense])[0]['bytes'] == 1600   # the smaller storage
+  # A quantized row counts the FLOPs it runs, a student its bytes by storage type.
+  int3 = dict(variant='gptq:int3', nats_per_byte=1.5, weight_bytes=10, flops_per_token=8e6,
+              effective_flops_per_token=6e6)
+  student = dict(variant='scratch:kd', nats_per_byte=1.5, storage_bytes={'float32': 800})
+  assert [r['flops_per_token'] for r in report.from_results([int3])] == [8e6]
+  assert report.from_results([student])[0]['bytes'] == 800
   rows = report.from_results([prune, quant, cached, unscored], prefix='p')
   assert rows[0] == dict(name='p/wanda:0.5', nats_per_byte=1.55, bytes=900,
-                         flops_per_token=5e6, forward_ms=1.0)
+                         flops_per_token=5e6, forward_ms=1.0, decode_tokens_per_s=50.0,
+                         peak_bytes=3000, device='cpu')
   assert rows[1]['bytes'] == 400 and rows[2]['forward_ms'] is None and len(rows) == 3
   with pytest.raises(ValueError, match="baseline='nope' is not a row"):
     report.with_ratios(rows, 'nope')
@@ -125,3 +134,19 @@ def test_report_rows_from_each_runners_results():
 def test_the_declared_sweeps_expand():
   for name, n in (('gptq_calibration', 6), ('prune_recovery', 4)):
     assert len(sweep.points(sweeps.get_config(name))) == n
+
+
+def test_prices_follow_the_measured_decode_speed_and_bad_prices_are_refused(tmp_path):
+  rows = [dict(name='a', nats_per_byte=1.5, bytes=100, decode_tokens_per_s=100.0),
+          dict(name='b', nats_per_byte=1.6, bytes=50, decode_tokens_per_s=400.0),
+          dict(name='c', nats_per_byte=1.7, bytes=40)]
+  out = report.write(tmp_path, rows, price_per_hour=7.2)
+  # 7.2 USD/h = 0.002 USD/s; a million tokens take 1e4 s at 100 tokens/s, 2.5e3 s at 400.
+  assert [r['usd_per_million_tokens'] for r in out] == [pytest.approx(20.0),
+                                                        pytest.approx(5.0), None]
+  assert out[1]['decode_speedup'] == pytest.approx(4.0)
+  assert '| 20.0000 |' in (tmp_path / 'report.md').read_text()
+  assert '$ per M tokens' not in report.markdown(report.with_ratios(rows))
+  with pytest.raises(ValueError, match="price_per_hour='x' must be a number >= 0"):
+    report.write(tmp_path / 'bad', rows, price_per_hour='x')
+  assert not (tmp_path / 'bad').exists()
