@@ -14,12 +14,13 @@ from experiments.errors import UserError
 
 PRUNE = 'experiments/configs/prune.py:magnitude_50'
 QUANT = 'experiments/configs/quantize.py:rtn_int8'
-SMALL = {'calibration_batches': 1, 'calibration_rows': 4}
+SMALL = {'calibration_batches': 1, 'calibration_rows': 4, 'decode_tokens': 8}
 
 
 def tiny_recipe(data_dir, *extra) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.title = 'tiny'
+  config.decode_tokens, config.timing_rounds = 8, 3
   config.stages = (
       dict(name='train', mode='train', config='experiments/configs/shakespeare.py:tiny',
            overrides={'data.data_dir': str(data_dir), 'sample.num_prompts': 0,
