@@ -77,14 +77,7 @@ def plan(config, workdir) -> list:
   if not stages:
     raise UserError('config.stages is empty: a recipe needs at least one stage, e.g. '
                     "dict(name='train', mode='train', config='experiments/configs/shakespeare.py')")
-  for field in ('decode_tokens', 'timing_rounds'):
-    value = config.get(field, 1)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise UserError(f'config.{field}={value!r} must be an integer >= 1')
-  price = config.get('price_per_hour') or 0
-  if isinstance(price, bool) or not isinstance(price, (int, float)) or price < 0:
-    raise UserError(f'config.price_per_hour={price!r} must be a number >= 0 (USD per hour of the '
-                    f'machine the report is measured on; 0: no prices)')
+  retime.check_settings(config, 'config')
   out, names = [], set()
   previous: Optional[Stage] = None
   for i, d in enumerate(stages):
@@ -192,9 +185,7 @@ def timed_together(config, stages: list, rows: list) -> list:
   if base is None:
     return [dict(r, timed_in_stage=True) for r in rows]
   first = next(st for st in stages if st.mode != 'train')
-  return retime.apply(rows, models, first.config, base[3], base[2],
-                      int(config.get('decode_tokens') or 128),
-                      int(config.get('timing_rounds') or 15))
+  return retime.apply(rows, models, first.config, base[3], base[2], config)
 
 
 def _made(stages: list) -> list:

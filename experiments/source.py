@@ -165,54 +165,53 @@ def evaluate(src, model, params, tokenizer) -> float:
                                  placement)['nats_per_byte']
 
 
-def forward_ms(model, params, batch, repeats: int = 5) -> float:
-  """Median wall time of the jitted forward pass on `batch`, in milliseconds."""
-  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  return 1e3 * _median_s(lambda: fwd(params, batch['inputs']), repeats)
-
-
-def measured(model, params, batch, decode_tokens: int) -> dict:
+def measured(model, params, batch, decode_tokens: int, rounds: int = 5) -> dict:
   """What a variant costs to run here, for its results row: `forward_ms` (the forward pass on
   `batch`), `decode_tokens_per_s` (greedy decoding of `decode_tokens` tokens for one request,
   its prefill included: serving one user), `decode_peak_bytes` (the decode program's bytes by
-  XLA's buffer assignment: weights, KV cache and temporaries) and the `device`. No decode
-  figures when `decode_tokens` is 0."""
-  out = dict(forward_ms=forward_ms(model, params, batch), device=jax.devices()[0].device_kind)
-  if decode_tokens:
-    prompt = [np.asarray(batch['inputs'][0, :PROMPT_TOKENS]).tolist()]
-    lowered, args = decode.lower_greedy(model, params, prompt, decode_tokens)
-    compiled = lowered.compile()
-    seconds = _median_s(lambda: compiled(*args))
-    out.update(decode_tokens_per_s=decode_tokens / seconds,
-               decode_peak_bytes=memory.compiled_bytes(compiled))
-  return out
+  XLA's buffer assignment: weights, KV cache and temporaries) and the `device`; medians of
+  `rounds`. No decode figures when `decode_tokens` is 0."""
+  figures = timed_together({'': (model, params)}, batch, decode_tokens, rounds)['']
+  return dict(figures, device=jax.devices()[0].device_kind)
 
 
 def timed_together(models: dict, batch, decode_tokens: int, rounds: int = 5) -> dict:
-  """{name: forward_ms, decode_tokens_per_s} of several `(model, params)` timed in one process
-  in alternating rounds (each round times every model once, forward then decode), medians over
-  the rounds: a comparison that a drift of the machine's speed does not bias. Decoding as in
-  `measured`: greedy, one request of `PROMPT_TOKENS` prompt tokens, `decode_tokens` new ones."""
-  prompt = [np.asarray(batch['inputs'][0, :PROMPT_TOKENS]).tolist()]
-  calls = {}
-  for name, (model, params) in models.items():   # compile everything before timing anything
-    fwd = jax.jit(lambda p, x, model=model: model.apply({'params': p}, x))
-    lowered, args = decode.lower_greedy(model, params, prompt, decode_tokens)
-    program = lowered.compile()
-    calls[name] = (lambda fwd=fwd, p=params: fwd(p, batch['inputs']),
-                   lambda program=program, args=args: program(*args))
-    for call in calls[name]:
+  """{name: figures as `measured` gives them} of several `(model, params)`, timed in one
+  process in alternating rounds (each round times every model once, forward then decode),
+  medians over the rounds: a comparison that a drift of the machine's speed does not bias."""
+  programs = {name: _programs(model, params, batch, decode_tokens)
+              for name, (model, params) in models.items()}
+  for calls, _ in programs.values():   # compiled and run once before anything is timed
+    for call in calls:
       jax.block_until_ready(call())
-  times = {name: ([], []) for name in models}
+  times = {name: [[] for _ in calls] for name, (calls, _) in programs.items()}
   for _ in range(rounds):
-    for name, pair in calls.items():
-      for call, out in zip(pair, times[name]):
+    for name, (calls, _) in programs.items():
+      for call, out in zip(calls, times[name]):
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         out.append(time.perf_counter() - t0)
-  return {name: dict(forward_ms=1e3 * float(np.median(f)),
-                     decode_tokens_per_s=decode_tokens / float(np.median(d)))
-          for name, (f, d) in times.items()}
+  out = {}
+  for name, (_, peak) in programs.items():
+    median = [float(np.median(t)) for t in times[name]]
+    out[name] = dict(forward_ms=1e3 * median[0])
+    if decode_tokens:
+      out[name].update(decode_tokens_per_s=decode_tokens / median[1], decode_peak_bytes=peak)
+  return out
+
+
+def _programs(model, params, batch, decode_tokens: int):
+  """((forward call, [decode call]), the decode program's bytes or None): the decode is greedy,
+  one request of `PROMPT_TOKENS` prompt tokens (the batch's first row) and `decode_tokens` new
+  ones."""
+  fwd = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  forward = lambda: fwd(params, batch['inputs'])
+  if not decode_tokens:
+    return (forward,), None
+  prompt = [np.asarray(batch['inputs'][0, :PROMPT_TOKENS]).tolist()]
+  lowered, args = decode.lower_greedy(model, params, prompt, decode_tokens)
+  program = lowered.compile()
+  return (forward, lambda: program(*args)), memory.compiled_bytes(program)
 
 
 def cost_figures(model, params, seq_len: int) -> dict:
@@ -222,16 +221,6 @@ def cost_figures(model, params, seq_len: int) -> dict:
   f = cost.flops_per_token(model.config, params, seq_len)
   return dict(storage_bytes=cost.storage_bytes(params), **cost.counts(params),
               flops_per_token=f['active'], effective_flops_per_token=f['effective'])
-
-
-def _median_s(fn, repeats: int = 3) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def slug(spec: str) -> str:

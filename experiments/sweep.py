@@ -16,6 +16,10 @@ point runs the runner on the config without its `sweep` block and with its overr
   ... --mode=sweep --point=3               # one point (what each launch command runs)
   ... --mode=merge                         # every finished point's rows: one report and plot
 
+A merge first times every model the points kept (saved quantized variants, fine-tune and
+student runs) and the source model again, together in one process (`experiments.retime`;
+`config.sweep.decode_tokens`, `.timing_rounds`; `.price_per_hour` prices decoded tokens).
+
 A point is done when its runner has written its results.json (written whole, at the end), so
 running the sweep again skips finished points and reruns an interrupted one. Bad sweeps (no
 points, an unknown field, a value of the wrong type, an unknown mode) are one line each, before
@@ -48,6 +52,7 @@ def points(config) -> list:
   sweep = config.sweep
   if sweep.get('mode') not in MODES:
     raise UserError(f'config.sweep.mode={sweep.get("mode")!r} is not one of {", ".join(MODES)}')
+  retime.check_settings(sweep, 'config.sweep')
   out = []
   product = tuple(sweep.get('product') or ())
   for entry in product:
@@ -194,9 +199,7 @@ def merge(config, workdir) -> str:
           retime.load_run(config.source_workdir))
   if base is not None and rows[0]['name'] in BASELINES:
     models[rows[0]['name']] = base[:2]
-    rows = retime.apply(rows, models, config, base[3], base[2],
-                        int(config.sweep.get('decode_tokens') or 128),
-                        int(config.sweep.get('timing_rounds') or 15))
+    rows = retime.apply(rows, models, config, base[3], base[2], config.sweep)
   title = f'Sweep of {len(named)} points ({config.sweep.mode})'
   out = report.write(workdir, rows, title, price_per_hour=config.sweep.get('price_per_hour'),
                      device=str(rows[0].get('device') or ''))

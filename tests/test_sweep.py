@@ -12,10 +12,11 @@ from experiments.errors import UserError
 
 
 def toy(product=(('variants', ('a:1', 'b:2')), ('calibration_rows', (8, 16))), points=(),
-        mode='quantize'):
+        mode='quantize', **settings):
   config = ml_collections.ConfigDict(dict(variants='a:1', calibration_rows=4, seed=0,
                                           mesh=dict(data=1)))
-  config.sweep = ml_collections.ConfigDict(dict(mode=mode, product=product, points=points))
+  config.sweep = ml_collections.ConfigDict(dict(mode=mode, product=product, points=points,
+                                                **settings))
   return config
 
 
@@ -53,6 +54,8 @@ def test_product_and_points_expand_in_order_with_names():
     (toy(mode='train'), "config.sweep.mode='train' is not one of prune, quantize, distill"),
     (toy(product=(), points=({'seed': 1}, {'seed': 1})), 'gives the point'),
     (toy(product=(), points=({},)), 'must be a non-empty dict of overrides'),
+    (toy(timing_rounds=0), 'config.sweep.timing_rounds=0 must be an integer >= 1'),
+    (toy(price_per_hour='x'), "config.sweep.price_per_hour='x' must be a number >= 0"),
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, config, message):
   with pytest.raises(UserError, match=re.escape(message)) as e:
