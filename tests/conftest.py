@@ -1,21 +1,14 @@
-"""Test-wide JAX settings: 8 fake CPU devices, float32 matmuls, strict rank promotion, and a
-compilation cache shared by the session and the CLI runs it starts."""
+"""Test-wide JAX settings: 8 fake CPU devices, float32 matmuls, strict rank promotion."""
 
-import atexit
+import faulthandler
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
-# Many tests compile the same tiny models, in this process and in `python -m experiments.main`
-# children (which inherit the environment). A persistent cache, empty at the start of every
-# session, compiles each program once: about a third of the suite's time.
-_CACHE = tempfile.mkdtemp(prefix='frugal-jax-cache-')
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+# No persistent compilation cache: it saved about a third of the suite's time, but writing an
+# entry calls jaxlib 0.10's CPU executable serializer, which segfaulted an xdist worker in two CI
+# runs (never in a local full run). Every process compiles its own programs.
 
 import jax  # noqa: E402
 
@@ -29,25 +22,50 @@ from experiments import data  # noqa: E402
 
 
 _CONFIG = {}
+# Seconds a test (setup and teardown included) may run before its process prints every thread's
+# stack and exits: a hang then fails that test, under xdist through the crash rerun below,
+# instead of stalling the suite. Native code cannot block this (faulthandler's own thread).
+TEST_TIME_LIMIT = int(os.environ.get('FRUGAL_TEST_TIME_LIMIT', '900'))
 
 
 def pytest_configure(config):
   _CONFIG['config'] = config
+  # The terminal's stderr, taken before output capture can redirect it (as pytest's faulthandler
+  # plugin does); under xdist a worker's sys.stderr is not a file.
+  stream = sys.stderr if hasattr(sys.stderr, 'fileno') else sys.__stderr__
+  try:
+    _CONFIG['stderr'] = os.dup(stream.fileno())
+  except (AttributeError, ValueError, OSError):
+    _CONFIG['stderr'] = os.dup(sys.__stderr__.fileno())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  faulthandler.dump_traceback_later(TEST_TIME_LIMIT, exit=True, file=_CONFIG['stderr'])
+  try:
+    return (yield)
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
   """A test whose xdist worker died in native code runs once more, alone, in a fresh process.
 
-  jaxlib 0.10's CPU executable serializer, which the persistent cache above calls after each
-  compile, has segfaulted a worker once in CI (never reproduced in a full local run). A crash
-  says nothing about the test, so the test is judged by the fresh run, and the crash is
-  printed; a test that fails there, or crashes again, still fails."""
+  A crash in native code (jaxlib's executable serializer did it in CI) or a hang past
+  TEST_TIME_LIMIT says nothing certain about the test, so the test is judged by the fresh run,
+  under the same limit, and the crash is printed; a test that fails there, crashes again or
+  hangs again still fails."""
   del sched   # `--dist loadfile` cannot reschedule a single test
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                        crashitem], cwd=root, capture_output=True, text=True, timeout=1800)
-  verdict = 'passed' if run.returncode == 0 else f'failed (exit {run.returncode})'
+  limit = TEST_TIME_LIMIT
+  cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', crashitem]
+  try:
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=limit + 60)
+    verdict = 'passed' if run.returncode == 0 else f'failed (exit {run.returncode})'
+  except subprocess.TimeoutExpired as e:
+    run = subprocess.CompletedProcess(cmd, -1, (e.stdout or b'').decode(errors='replace'), '')
+    verdict = f'failed (still running after {limit + 60} s)'
   terminal = _CONFIG['config'].pluginmanager.get_plugin('terminalreporter')
   terminal.write_line(f'{report.longrepr}; run again alone in a fresh process: {verdict}',
                       yellow=True)
