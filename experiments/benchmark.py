@@ -138,10 +138,12 @@ def phase_timer(config, vocab: int):
 def report(config, r: Result) -> str:
   mfu = 'n/a (unknown peak)' if r.mfu is None else f'{100 * r.mfu:.1f}%'
   fmt = lambda n: 'n/a' if not n else memory.human_bytes(n)
+  bubble = (f' | pipeline bubble {100 * r.estimate.bubble:.0f}% (MFU at most '
+            f'{100 * (1 - r.estimate.bubble):.0f}% of the unpipelined)' if r.estimate.bubble else '')
   return (f'params {r.params / 1e6:.1f}M ({r.active_params / 1e6:.1f}M active matmul) | '
           f'remat {config.model.remat:13s} | compile {r.compile_s:5.1f} s | step '
           f'{1e3 * r.step_s:8.1f} ms | {r.tokens_per_s:10,.0f} tokens/s | '
-          f'{r.tflops_per_s:6.2f} model TFLOP/s | MFU {mfu} | memory/device: estimate '
+          f'{r.tflops_per_s:6.2f} model TFLOP/s | MFU {mfu}{bubble} | memory/device: estimate '
           f'{fmt(r.estimate.total)}, compiled {fmt(r.compiled_bytes)}, measured peak '
           f'{fmt(r.peak_bytes)}')
 
@@ -158,14 +160,23 @@ def checked_vocab(config, n_steps: int, vocab_size: int) -> int:
   return vocab_size or (259 if config.data.tokenizer == 'byte' else config.data.vocab_size)
 
 
-def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
-  """Validates, then benchmarks `config` once per remat policy (default: the config's), printing
-  a header and one line per policy as it goes; returns the `Result`s."""
+def run(config, n_steps: int = 10, vocab_size: int = 0, remat=(), microbatches=()) -> list:
+  """Validates, then benchmarks `config` once per remat policy (default: the config's) and
+  number of microbatches (`grad_accum_steps`; default: the config's), printing a header and one
+  line per pair as it goes; returns the `Result`s. With pipeline stages each line also gives
+  the bubble formula's step time relative to the first line's."""
   vocab = checked_vocab(config, n_steps, vocab_size)
   policies = list(remat) or [config.model.remat]
   for policy in policies:
     if policy != 'none' and policy not in REMAT_POLICIES:
       raise UserError(f'--remat: {policy!r} is not one of none, {", ".join(REMAT_POLICIES)}')
+  counts = list(microbatches) or [config.grad_accum_steps]
+  for m in counts:   # each count must pass the same checks as the config's own
+    if m <= 0:
+      raise UserError(f'--microbatches: {m} must be a positive integer')
+    with config.unlocked():
+      config.grad_accum_steps = m
+    validate.check_mesh(config)
   mesh = sharding.mesh_shape(config.mesh, jax.device_count())
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind} | mesh '
         f'{" ".join(f"{k}={v}" for k, v in mesh.items() if v > 1) or "1 device"} | rules '
@@ -173,11 +184,23 @@ def run(config, n_steps: int = 10, vocab_size: int = 0, remat=()) -> list:
         f'{config.model.dtype} | scan_layers {config.model.scan_layers}')
   results = []
   for policy in policies:
-    with config.unlocked():
-      config.model.remat = policy
-    results.append(benchmark(config, n_steps, vocab))
-    print(report(config, results[-1]), flush=True)
+    for m in counts:
+      with config.unlocked():
+        config.model.remat, config.grad_accum_steps = policy, m
+      results.append(benchmark(config, n_steps, vocab))
+      print(f'microbatches {m} | ' * bool(microbatches) + report(config, results[-1])
+            + _against_the_bubble(results[-1], results[0]), flush=True)
   return results
+
+
+def _against_the_bubble(r: Result, first: Result) -> str:
+  """Measured step time against the bubble formula's, both relative to `first` (which ran the
+  same work per step): a pipeline's step takes 1 / (1 - bubble) of its bubble-free time."""
+  if not first.estimate.bubble and not r.estimate.bubble:
+    return ''
+  predicted = (1 - first.estimate.bubble) / (1 - r.estimate.bubble)
+  return (f' | step / first: measured {r.step_s / first.step_s:.2f}, bubble formula '
+          f'{predicted:.2f}')
 
 
 if __name__ == '__main__':   # the benchmark runner of experiments/main.py under its old name

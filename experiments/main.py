@@ -51,6 +51,9 @@ _VOCAB = flags.DEFINE_integer('vocab_size', 0, 'benchmark: vocabulary (0: 259 by
                               'data.vocab_size for SentencePiece).')
 _REMAT = flags.DEFINE_list('remat', [], 'benchmark: remat policies to compare (default: the '
                            f'config\'s); any of {", ".join(["none", *REMAT_POLICIES])}.')
+_MICROBATCHES = flags.DEFINE_list('microbatches', [], 'benchmark: grad_accum_steps values to '
+                                  'compare, e.g. 4,8,16 (with pipeline stages: the microbatches '
+                                  'that flow through them; default: the config\'s).')
 _PEERS = flags.DEFINE_list('peers', list(runners.Flags.peers), 'compare: PyTorch peer modes '
                            '(eager, compile).')
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', list(map(str, runners.Flags.batch_sizes)),
@@ -100,11 +103,16 @@ def main(argv):
   except ValueError:
     raise UserError(f'--batch_sizes={",".join(_BATCH_SIZES.value)} must be integers') from None
   try:
+    microbatches = tuple(int(m) for m in _MICROBATCHES.value)
+  except ValueError:
+    raise UserError(f'--microbatches={",".join(_MICROBATCHES.value)} must be integers') from None
+  try:
     draft_tokens = tuple(int(k) for k in _DRAFT_TOKENS.value)
   except ValueError:
     raise UserError(f'--draft_tokens={",".join(_DRAFT_TOKENS.value)} must be integers') from None
   given = runners.Flags(resume=_RESUME.value, prompt=_PROMPT.value, variant=_VARIANT.value,
                         steps=_STEPS.value, vocab_size=_VOCAB.value, remat=tuple(_REMAT.value),
+                        microbatches=microbatches,
                         peers=tuple(_PEERS.value), batch_sizes=batch_sizes,
                         variants=tuple(_VARIANTS.value), requests=_REQUESTS.value,
                         output=_OUTPUT.value, slots=_SLOTS.value, draft=_DRAFT.value,

@@ -10,6 +10,13 @@ The estimate, in bytes per device:
                      when blocks are rematerialised, one block recomputed without remat.
 Activations are traced at this device's batch rows but full head/MLP width, so under tensor
 parallelism they are an upper bound. `compiled_bytes` reads XLA's own figure for comparison.
+
+With pipeline stages (`sharding.pipeline`) the state is split over `stage` as laid out, there is
+no accumulation buffer, and the activations are the pipeline's: each iteration's input to the
+stage (C M + S - 1 of them, one microbatch each), the microbatches' inputs and outputs (and the
+circular schedule's waiting room), while the working set holds one chunk recomputed and the
+logits' gradient of the whole batch (the head runs on every microbatch at once). `bubble` is
+the stages' idle fraction, (S - 1) / (C M + S - 1): the model FLOP/s and MFU pay it.
 """
 
 import dataclasses
@@ -20,6 +27,7 @@ import jax.numpy as jnp
 
 import sharding
 from experiments import steps
+from sharding import pipeline
 from models import Transformer, axes, flops
 
 try:   # the list behind the public jax.ad_checkpoint.print_saved_residuals
@@ -39,6 +47,7 @@ class Estimate:
   working_set: int
   flops_per_step: float   # model FLOPs of one step on the whole mesh
   devices: int
+  bubble: float = 0.0     # idle fraction of each pipeline stage (0 without stages)
 
   @property
   def total(self) -> int:
@@ -47,8 +56,9 @@ class Estimate:
   def summary(self, remat: str) -> str:
     parts = ', '.join(f'{name.replace("_", " ")} {human_bytes(getattr(self, name))}' for name in (
         'params', 'optimizer', 'gradients', 'activations', 'working_set'))
+    bubble = f', pipeline bubble {100 * self.bubble:.0f}%' if self.bubble else ''
     return (f'memory per device (estimate): {human_bytes(self.total)} = {parts} '
-            f'(remat {remat})')
+            f'(remat {remat}{bubble})')
 
 
 def human_bytes(n: float) -> str:
@@ -112,11 +122,21 @@ def estimate(config, model: Transformer, abstract_state, mesh, rules) -> Estimat
   if cfg.remat != 'none' and saved_residuals is not None:
     working += _one_block_bytes(model, rows, seq_len)
   tokens = config.batch_size * seq_len
+  stages, bubble, accumulating = pipeline.stages_of(mesh), 0.0, config.grad_accum_steps > 1
+  if stages > 1:
+    schedule = pipeline.schedule_of(config.pipeline, stages, config.grad_accum_steps)
+    m, chunk = schedule.microbatches, cfg.n_layers // (stages * schedule.repeats)
+    x = rows * seq_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize   # one microbatch's
+    activations = x * (schedule.iterations + m * (3 if schedule.repeats > 1 else 2))
+    working = m * rows * seq_len * cfg.vocab_size * 4
+    if saved_residuals is not None:
+      working += chunk * _one_block_bytes(model, rows, seq_len)
+    bubble, accumulating = schedule.bubble, False
   return Estimate(params=params, optimizer=shard_bytes(abstract_state.opt_state),
-                  gradients=params * (2 if config.grad_accum_steps > 1 else 1),
+                  gradients=params * (2 if accumulating else 1),
                   activations=activations, working_set=working,
                   flops_per_step=tokens * flops.train_flops_per_token(cfg, seq_len),
-                  devices=mesh.size)
+                  devices=mesh.size, bubble=bubble)
 
 
 def compiled_bytes(compiled):

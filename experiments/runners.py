@@ -29,6 +29,7 @@ class Flags:
   steps: int = 10          # benchmark: timed steps; serve/exit/cascade_benchmark: new tokens
   vocab_size: int = 0      # benchmark: vocabulary (0: from the config)
   remat: tuple = ()        # benchmark: remat policies to compare (default: the config's)
+  microbatches: tuple = ()  # benchmark: grad_accum_steps values to compare (default: the config's)
   peers: tuple = ('eager', 'compile')   # compare: the PyTorch peer's modes
   batch_sizes: tuple = (1, 8)          # decode/serve/exit_benchmark: rows decoded together
   variants: tuple = ('float', 'rtn:int8', 'rtn:int4:g128')   # decode_benchmark: weights timed
@@ -86,7 +87,8 @@ def _distill(config, workdir, flags: Flags):
 
 
 def _benchmark(config, workdir, flags: Flags):
-  benchmark.run(config, flags.steps, flags.vocab_size, flags.remat)   # prints as it measures
+  # prints as it measures
+  benchmark.run(config, flags.steps, flags.vocab_size, flags.remat, flags.microbatches)
 
 
 def _decode_benchmark(config, workdir, flags: Flags):
@@ -152,7 +154,8 @@ RUNNERS = {
     'distill': Runner(_distill, 'trains students of a trained teacher run: '
                       'experiments/configs/distill.py configs', distributed=False),
     'benchmark': Runner(_benchmark, 'times the train step on synthetic batches (no workdir)',
-                        flags=('steps', 'vocab_size', 'remat'), needs_workdir=False,
+                        flags=('steps', 'vocab_size', 'remat', 'microbatches'),
+                        needs_workdir=False,
                         distributed=False),
     'compare': Runner(_compare, 'times the train step back to back with the PyTorch peer '
                       '(experiments/peer.py)', flags=('steps', 'vocab_size', 'peers'),

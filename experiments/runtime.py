@@ -88,8 +88,11 @@ class Placement:
     self.abstract = sharding.sharded_abstract(self.init, self.mesh, self.rules, self.rng)
     state_sh = jax.tree.map(lambda x: x.sharding, self.abstract)
     batch_sh, repl = sharding.batch_sharding(self.mesh, self.rules), sharding.replicated(self.mesh)
+    # With pipeline stages the step runs the microbatches through them (steps.pipelined).
+    step_loss, accum_steps = steps.pipelined(self.loss, config, self.mesh)
+    self.schedule = getattr(step_loss, 'schedule', None)
     self.train_step = jax.jit(
-        functools.partial(steps.train_step, loss=self.loss, accum_steps=config.grad_accum_steps,
+        functools.partial(steps.train_step, loss=step_loss, accum_steps=accum_steps,
                           seed=config.seed),
         in_shardings=(state_sh, batch_sh, repl) + frozen_sh, out_shardings=(state_sh, repl),
         donate_argnums=0)

@@ -24,6 +24,7 @@ from compression import distill, early_exit, low_precision, qat, schedules
 from compression.early_exit import token_losses   # the one cross-entropy, shared with the exits
 from models import ModelConfig, Transformer, layouts, moe
 from models.transformer import attention_maps, block_outputs, capture_filter
+from sharding import pipeline
 
 TrainState = train_state.TrainState
 
@@ -141,6 +142,55 @@ class LmLoss:
       total += tokens * router
       sums.update({k: tokens * v for k, v in metrics.items()})
     return total, sums
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelinedLmLoss:
+  """`base` (an `LmLoss`) over all of a step's microbatches in one call, the blocks pipelined
+  over the `stage` mesh axis (`sharding.pipeline`); the sums equal `base`'s summed over the
+  microbatches `schedule.microbatches` cuts (rows i, i + M, ...), as accumulation cuts them.
+  The train step runs it with accum_steps=1: the pipeline is the microbatch loop."""
+  base: LmLoss
+  schedule: pipeline.Schedule
+
+  def __call__(self, params, batch, rng=None):
+    del rng   # router jitter is refused with a pipeline (pipeline.check)
+    model, m = self.base.model, self.schedule.microbatches
+    cfg = model.config
+    logits, state = model.apply(
+        {'params': params}, batch['inputs'], positions=batch['positions'],
+        segment_ids=batch['segment_ids'], mutable=['moe'],
+        layers_fn=pipeline.layers_fn(cfg, self.schedule, params))
+    total, sums = self.base.totals(logits, 0.0, {}, batch)
+    if cfg.n_experts:   # the router losses of each microbatch, weighted by its tokens
+      stats = state['moe']['pipeline'][0]   # {name: [M, R, ...]}
+      tokens = jnp.sum(pipeline.microbatched(batch['weights'], m), axis=(1, 2))
+      for i in range(m):
+        router, metrics = moe.router_loss({'stats': jax.tree.map(lambda a: a[i], stats)}, cfg)
+        total += tokens[i] * router
+        for k, v in metrics.items():
+          sums[k] = sums.get(k, 0.0) + tokens[i] * v
+    return total, sums
+
+
+def pipelined(loss, config, mesh) -> tuple:
+  """(the loss the train step runs, its accum_steps) on `mesh`: `loss` and
+  config.grad_accum_steps without pipeline stages; with them, `PipelinedLmLoss` and 1.
+
+  Raises:
+    ValueError: in one line, for a loss other than the language-model loss, or a model or
+      schedule the pipeline cannot run (`pipeline.check`).
+  """
+  stages = pipeline.stages_of(mesh)
+  if stages == 1:
+    return loss, config.grad_accum_steps
+  if type(loss) is not LmLoss:
+    raise ValueError(f'mesh.stage={stages} pipelines the language-model loss only, not '
+                     f'{type(loss).__name__} (distillation, QAT, early exit and low-precision '
+                     f'training run without pipeline stages)')
+  schedule = pipeline.schedule_of(config.pipeline, stages, config.grad_accum_steps)
+  pipeline.check(loss.model.config, schedule)
+  return PipelinedLmLoss(loss, schedule), 1
 
 
 def lm_loss(model: Transformer, z_loss: float = 0.0) -> LmLoss:

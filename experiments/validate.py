@@ -16,6 +16,7 @@ from etils import epath
 
 import compression
 import sharding
+from sharding import pipeline
 from compression import grid, low_precision, qat
 from experiments import data, steps
 from experiments import workdir as workdir_lib
@@ -241,6 +242,28 @@ def check_mesh(config) -> None:
   if config.eval_batch_size % split:
     raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
                     f'the {split} batch shards of the mesh')
+  if shape[sharding.STAGE] > 1:
+    _check_pipeline(config, shape[sharding.STAGE])
+
+
+def _check_pipeline(config, stages: int) -> None:
+  """A pipeline's schedule, model and loss (`sharding.pipeline.check`), in one line each."""
+  others = [name for name, on in (('qat', steps.qat_spec(config) is not None),
+                                  ('low_precision', steps.low_precision_spec(config) is not None),
+                                  ('early_exit', bool(config.get('early_exit')
+                                                      and config.early_exit.layers)))
+            if on]
+  if others:
+    raise UserError(f'mesh.stage={stages} pipelines the language-model loss only; config.'
+                    f'{others[0]} is on (train it without pipeline stages)')
+  if config.get('pipeline') is None:
+    raise UserError(f'mesh.stage={stages} needs a config.pipeline section (schedule, repeats; '
+                    f'see experiments/configs/base.py)')
+  try:
+    schedule = pipeline.schedule_of(config.pipeline, stages, config.grad_accum_steps)
+    pipeline.check(steps.model_config(config, config.data.vocab_size), schedule)
+  except ValueError as e:
+    raise UserError(str(e)) from None
 
 
 def check(config, workdir, mode: str = 'train', resume: str = 'auto') -> None:

@@ -72,6 +72,10 @@ class Transformer(nn.Module):
   `n_unique_layers` blocks (or one stacked `blocks` under `scan_layers`), `final_norm`,
   `lm_head` (untied head). Layer l uses block l mod n_unique_layers.
 
+  `layers_fn(x, geometry) -> (x, extra)` replaces the blocks (cache-less calls of a scanned
+  model): the pipeline (`sharding.pipeline`) runs them from parameters it holds itself, and
+  its `extra` (router statistics) is sown into 'moe' as 'pipeline'.
+
   MoE layers sow router statistics into the 'moe' collection: apply with `mutable=['moe']` to
   read them (`models.moe.summarize`), and pass `rngs={'jitter': key}` for router jitter.
   """
@@ -80,7 +84,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, cache: Optional[dict] = None,
-               cache_window: Optional[int] = None):
+               cache_window: Optional[int] = None, layers_fn=None):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, length = tokens_BxL.shape
@@ -97,7 +101,12 @@ class Transformer(nn.Module):
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
     geo, new_cache = geometry(positions, segment_ids, cache, length, cache_window)
-    x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
+    if layers_fn is None:
+      x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
+    else:
+      x_BxLxD, extra = layers_fn(x_BxLxD, geo)
+      if extra:
+        self.sow('moe', 'pipeline', extra)
 
     x_BxLxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxLxD)
     if cfg.tie_embeddings:

@@ -1,6 +1,6 @@
-"""Device meshes from config: four named axes, `data`, `fsdp`, `expert` and `tensor`.
+"""Device meshes from config: five named axes, `data`, `stage`, `fsdp`, `expert` and `tensor`.
 
-Every mesh has all four axes (unused ones have size 1), so one rule table works on any mesh and
+Every mesh has all five axes (unused ones have size 1), so one rule table works on any mesh and
 changing the parallelism of a run is a change of sizes only.
 """
 
@@ -12,10 +12,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
 
-DATA, FSDP, EXPERT, TENSOR = 'data', 'fsdp', 'expert', 'tensor'
+DATA, STAGE, FSDP, EXPERT, TENSOR = 'data', 'stage', 'fsdp', 'expert', 'tensor'
 # Ordered by how often an axis communicates, least first: `create_device_mesh` gives the last axes
-# the fastest links (data parallelism talks once per step, tensor parallelism in every matmul).
-AXES = (DATA, FSDP, EXPERT, TENSOR)
+# the fastest links (data parallelism talks once per step, pipeline stages once per microbatch
+# and stage, tensor parallelism in every matmul).
+AXES = (DATA, STAGE, FSDP, EXPERT, TENSOR)
 _ALLOWED = 'sizes are positive integers or -1 (the rest of the devices)'
 
 
@@ -23,6 +24,7 @@ def default_mesh_config() -> ml_collections.ConfigDict:
   """Pure data parallelism over every device; see each field for what a larger size buys."""
   mesh = ml_collections.ConfigDict()
   mesh.data = -1     # batch replicas: gradients are all-reduced once per step (-1: the rest)
+  mesh.stage = 1     # pipeline stages: each holds a contiguous slice of the scanned layers
   mesh.fsdp = 1      # parameter and optimizer-state shards (ZeRO-3); the batch splits here too
   mesh.expert = 1    # MoE expert shards; outside expert layers the batch splits here too
   mesh.tensor = 1    # attention-head / MLP-hidden / vocabulary shards (Megatron-style)
@@ -30,6 +32,7 @@ def default_mesh_config() -> ml_collections.ConfigDict:
   # sizes above are then per slice, and a mesh axis has (size x dcn size) devices.
   mesh.dcn = ml_collections.ConfigDict()
   mesh.dcn.data = 1     # slices holding separate batch replicas (the usual multi-slice choice)
+  mesh.dcn.stage = 1    # slices holding different pipeline stages (activations cross DCN)
   mesh.dcn.fsdp = 1     # slices sharing one set of parameter shards (all-gathers cross DCN)
   mesh.dcn.expert = 1   # slices holding different experts
   mesh.dcn.tensor = 1   # slices splitting each matmul (rarely worth it: DCN is slow)

@@ -10,7 +10,7 @@ from typing import Sequence, Tuple, Union
 
 from models import axes
 from sharding.mesh import AXES as MESH_AXES
-from sharding.mesh import DATA, EXPERT, FSDP, TENSOR
+from sharding.mesh import DATA, EXPERT, FSDP, STAGE, TENSOR
 
 MeshAxes = Union[None, str, Tuple[str, ...]]
 Rules = Tuple[Tuple[str, MeshAxes], ...]
@@ -29,8 +29,11 @@ _ACTIVATIONS = (
 
 def _table(**split) -> Rules:
   """A full rule table: the activation rules first, then every other logical axis in
-  `models.axes.ALL` order, split as given in `split` and unsplit otherwise."""
+  `models.axes.ALL` order, split as given in `split` and unsplit otherwise. Stacked layers
+  always split over `stage` (a no-op on meshes without pipeline stages), so every preset
+  pipelines."""
   first = {name for name, _ in _ACTIVATIONS}
+  split = dict(dict(layers=STAGE), **split)
   return _ACTIVATIONS + tuple((name, split.get(name)) for name in axes.ALL if name not in first)
 
 

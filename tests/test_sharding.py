@@ -178,11 +178,11 @@ def test_activation_constraints_need_set_mesh_and_rules():
 
 
 def test_mesh_shapes_from_config():
-  assert dict(sharding.make_mesh().shape) == dict(data=8, fsdp=1, expert=1, tensor=1)
+  assert dict(sharding.make_mesh().shape) == dict(data=8, stage=1, fsdp=1, expert=1, tensor=1)
   mesh = sharding.make_mesh(dict(data=2, fsdp=-1, tensor=2))
   assert mesh.axis_names == sharding.AXES and mesh.shape['fsdp'] == 2
   assert sharding.mesh_shape(dict(data=-1, tensor=2, dcn=dict(data=2)), 8) == dict(
-      data=4, fsdp=1, expert=1, tensor=2)
+      data=4, stage=1, fsdp=1, expert=1, tensor=2)
 
 
 @pytest.mark.parametrize('sizes, match', [

@@ -184,7 +184,7 @@ def test_cli_errors_are_one_line(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize('module, variants', [
-    (shakespeare, ['', 'bytes', 'tiny', 'moe', 'moe_tiny']),
+    (shakespeare, ['', 'bytes', 'tiny', 'moe', 'moe_tiny', 'pipeline']),
     (gpt2_configs, ['124m', '350m', 'tiny']), (llama_configs, ['1b', '7b', 'tiny']),
     (mixtral_configs, ['8x7b', 'tiny'])])
 def test_every_config_variant_validates(tmp_path, module, variants):

@@ -30,6 +30,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.mesh = sharding.default_mesh_config()   # device mesh axes (fields in sharding/mesh.py)
   config.sharding_rules = 'dp'         # preset in sharding/rules.py: dp, fsdp, tp, fsdp_tp, ep
+  # Pipeline parallelism (sharding/pipeline.py), on when mesh.stage > 1: the scanned layers split
+  # into stages, the grad_accum_steps microbatches flow through them.
+  config.pipeline = ml_collections.ConfigDict()
+  config.pipeline.schedule = 'gpipe'   # 'gpipe' or 'circular' (interleaved layer chunks)
+  config.pipeline.repeats = 2          # circular: layer chunks per stage (bubble / repeats)
 
   config.data = data.default_config()   # fields documented in experiments/data/__init__.py
 

@@ -5,8 +5,10 @@ Command:
 Variants: `:bytes` (byte-level tokenizer, same budget), `:moe` (8 experts, 2 active per token,
 as many active parameters as the dense model), `:teacher` (6 layers, 2000 steps: a teacher for
 distillation; 1.3061 nats/byte, 2026-11-25, its wall time not measured alone), `:exits` (exit
-losses after layers 1-3 for early-exit decoding, models/early_exit.py), `:tiny` and
-`:moe_tiny` (seconds; used by tests).
+losses after layers 1-3 for early-exit decoding, models/early_exit.py), `:pipeline` (8 scanned
+layers in 4 pipeline stages x 2 data replicas: 8 devices, e.g. 8 fake CPU devices through
+XLA_FLAGS=--xla_force_host_platform_device_count=8), `:tiny` and `:moe_tiny` (seconds; used by
+tests).
 Result (2-core CPU development machine, 2026-11-24): 7 min 8 s wall for the whole command
 (8 min 51 s before the CPU step work of issue 12, same machine and day), validation loss 1.459
 nats/byte (2.11 bits/byte) on the four held-out plays.
@@ -43,6 +45,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.model.n_layers = 6
   elif arg == 'exits':   # the default model with exits after layers 1-3 trained beside it
     config.early_exit.layers = '0,1,2'
+  elif arg == 'pipeline':   # 8 scanned layers in 4 pipeline stages x 2 batch replicas (8 devices)
+    config.model.update(n_layers=8, scan_layers=True)
+    config.mesh.update(data=2, stage=4)
+    config.grad_accum_steps = 8       # the microbatches that flow through the stages
+    config.pipeline.schedule = 'gpipe'   # or 'circular' (pipeline.repeats chunks per stage)
   elif arg == 'moe_tiny':
     config = get_config('tiny')
     config.model.update(n_experts=4, experts_per_token=2, moe_d_ff=32)
@@ -62,5 +69,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.sample.max_new_tokens = 16
   elif arg:
     raise ValueError(f'unknown variant {arg!r} of shakespeare.py; known: bytes, moe, teacher, '
-                     f'exits, tiny, moe_tiny')
+                     f'exits, pipeline, tiny, moe_tiny')
   return config
