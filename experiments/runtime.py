@@ -96,7 +96,11 @@ class Placement:
                           seed=config.seed),
         in_shardings=(state_sh, batch_sh, repl) + frozen_sh, out_shardings=(state_sh, repl),
         donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),
+    # Evaluation pipelines too: unpipelined, the scan over stage-split layers would gather them.
+    eval_loss = steps.lm_loss(model)
+    if self.schedule is not None:
+      eval_loss = steps.PipelinedLmLoss(eval_loss, self.schedule)
+    self.eval_step = jax.jit(functools.partial(steps.eval_step, loss=eval_loss),
                              in_shardings=(state_sh.params, batch_sh, repl), out_shardings=repl)
     # Trees of other leaf types (quantized weights) run laid out as they were placed.
     self.eval_any = jax.jit(functools.partial(steps.eval_step, loss=steps.lm_loss(model)),

@@ -244,6 +244,10 @@ def check_mesh(config) -> None:
                     f'the {split} batch shards of the mesh')
   if shape[sharding.STAGE] > 1:
     _check_pipeline(config, shape[sharding.STAGE])
+    if config.eval_batch_size % (split * accum):   # evaluation runs the same microbatches
+      raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
+                      f'the {split} batch shards of the mesh times grad_accum_steps ({accum}) '
+                      f'with pipeline stages')
 
 
 def _check_pipeline(config, stages: int) -> None:

@@ -16,7 +16,7 @@ from experiments import checkpoints, memory, runtime, steps, train, validate
 from models import ModelConfig, Transformer
 from sharding import pipeline
 from tests.conftest import lm_batches
-from tests.runs import losses, run_main, tiny_config
+from tests.runs import losses, records, run_main, tiny_config
 
 DENSE = ModelConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=64,
                     scan_layers=True)
@@ -102,6 +102,11 @@ def _train_config(data_dir, sizes=None, rules='dp', schedule='gpipe', steps_=4):
   return config
 
 
+def eval_loss(workdir) -> float:
+  (last,) = [r['eval_loss'] for r in records(workdir) if 'eval_loss' in r]
+  return last
+
+
 def test_training_steps_equal_one_device_compile_once_and_the_checkpoint_moves(
     tmp_path, data_dir, monkeypatch):
   one = tmp_path / 'one'
@@ -130,6 +135,8 @@ def test_training_steps_equal_one_device_compile_once_and_the_checkpoint_moves(
     assert got.keys() == want.keys()
     for s, loss in want.items():
       assert got[s] == pytest.approx(loss, rel=1e-5), (schedule, s)
+    # Evaluation runs through the stages too, and measures the same.
+    assert eval_loss(tmp_path / schedule) == pytest.approx(eval_loss(one), rel=1e-5)
 
   # The gpipe run's checkpoint restores onto one device and onto a 2 x 4 fsdp mesh, and both
   # equal what the pipeline mesh restores.
@@ -185,6 +192,8 @@ def test_the_step_permutes_activations_and_the_reports_count_the_bubble(data_dir
     (dict(pipeline=dict(schedule='circular', repeats=0)), r'pipeline.repeats=0 must be an '
                                                           r'integer >= 1'),
     (dict(qat=dict(bits=8)), r'pipelines the language-model loss only; config.qat is on'),
+    (dict(eval_batch_size=4), r'eval_batch_size=4 must be divisible by the 2 batch shards of '
+                              r'the mesh times grad_accum_steps \(4\) with pipeline stages'),
 ])
 def test_bad_pipeline_configs_are_one_line(tmp_path, data_dir, change, match):
   config = _train_config(data_dir, dict(data=2, stage=4))
