@@ -103,6 +103,8 @@ class Transformer(nn.Module):
     geo, new_cache = geometry(positions, segment_ids, cache, length, cache_window)
     if layers_fn is None:
       x_BxLxD, new_cache = self._layers(x_BxLxD, geo, cache, new_cache)
+    elif cache is not None:
+      raise ValueError('layers_fn runs cache-less calls only (the pipeline trains and evaluates)')
     else:
       x_BxLxD, extra = layers_fn(x_BxLxD, geo)
       if extra:
