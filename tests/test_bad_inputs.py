@@ -241,6 +241,14 @@ CASES = [
     case('bench-main-steps', ['--mode=benchmark', '--steps=0',
                               '--config=experiments/configs/shakespeare.py:tiny'],
          '--steps=0 must be a positive integer'),
+    case('bench-microbatches-text', ['--mode=benchmark', '--microbatches=4,many',
+                                     '--config=experiments/configs/shakespeare.py:tiny'],
+         '--microbatches=4,many must be integers'),
+    case('bench-microbatches-zero', ['--mode=benchmark', '--microbatches=0',
+                                     '--config=experiments/configs/shakespeare.py:tiny'],
+         '--microbatches: 0 must be a positive integer'),
+    case('flag-microbatches-not-benchmark', TRAIN + ['--microbatches=4'],
+         '--microbatches=4 applies to --mode=benchmark only'),
     # Damaged data.
     case('data-truncated-shard', TINY[:1] + ['--workdir={W}', '--config.data.data_dir={X1}'],
          r'damaged data: .*shakespeare_plays-train.array_record-00000-of-00001 holds 0 records, '
