@@ -24,6 +24,16 @@ def tiny_config(data_dir, **changes) -> ml_collections.ConfigDict:
   return config
 
 
+def apply_change(config, change: dict) -> ml_collections.ConfigDict:
+  """`config` with `change` applied: {field: value}, or {section: {field: value}} updated."""
+  for key, value in change.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  return config
+
+
 def tree_digest(root: pathlib.Path) -> str:
   """One hash of every file's name and bytes below `root` (to show a source is left untouched)."""
   h = hashlib.sha256()

@@ -16,7 +16,7 @@ from experiments import checkpoints, memory, runtime, steps, train, validate
 from models import ModelConfig, Transformer
 from sharding import pipeline
 from tests.conftest import lm_batches
-from tests.runs import losses, records, run_main, tiny_config
+from tests.runs import apply_change, losses, records, run_main, tiny_config
 
 DENSE = ModelConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=64,
                     scan_layers=True)
@@ -198,11 +198,7 @@ def test_the_step_permutes_activations_and_the_reports_count_the_bubble(data_dir
 def test_bad_pipeline_configs_are_one_line(tmp_path, data_dir, change, match):
   config = _train_config(data_dir, dict(data=2, stage=4))
   config.model.n_layers = 8
-  for key, value in change.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
+  apply_change(config, change)
   with pytest.raises(ValueError, match=match) as info:
     validate.check(config, tmp_path / 'w')
   assert '\n' not in str(info.value)

@@ -18,7 +18,7 @@ from experiments.configs import llama as llama_configs
 from experiments.configs import mixtral as mixtral_configs
 from experiments.configs import shakespeare
 from models import Transformer, flops
-from tests.runs import ROOT, losses, run_main
+from tests.runs import ROOT, apply_change, losses, run_main
 
 def tiny_config(data_dir) -> ml_collections.ConfigDict:
   config = shakespeare.get_config('tiny')
@@ -149,12 +149,7 @@ def test_cli_train_eval_sample(tmp_path, data_dir):
     (dict(optimizer=dict(schedule='step')), "schedule='step'"),
 ])
 def test_bad_configs_are_rejected_in_one_line(tmp_path, data_dir, change, match):
-  config = tiny_config(data_dir)
-  for key, value in change.items():
-    if isinstance(value, dict):
-      config[key].update(value)
-    else:
-      config[key] = value
+  config = apply_change(tiny_config(data_dir), change)
   with pytest.raises(ValueError, match=match) as info:
     validate.check(config, tmp_path / 'w')
   assert '\n' not in str(info.value)
