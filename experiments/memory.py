@@ -14,9 +14,9 @@ parallelism they are an upper bound. `compiled_bytes` reads XLA's own figure for
 With pipeline stages (`sharding.pipeline`) the state is split over `stage` as laid out, there is
 no accumulation buffer, and the activations are the pipeline's: each iteration's input to the
 stage (C M + S - 1 of them, one microbatch each), the microbatches' inputs and outputs (and the
-circular schedule's waiting room), while the working set holds one chunk recomputed and the
-logits' gradient of the whole batch (the head runs on every microbatch at once). `bubble` is
-the stages' idle fraction, (S - 1) / (C M + S - 1): the model FLOP/s and MFU pay it.
+circular schedule's waiting room), while the working set holds one chunk recomputed and one
+microbatch's logits gradient (the head runs a microbatch at a time). `bubble` is the stages'
+idle fraction, (S - 1) / (C M + S - 1): the model FLOP/s and MFU pay it.
 """
 
 import dataclasses
@@ -128,7 +128,6 @@ def estimate(config, model: Transformer, abstract_state, mesh, rules) -> Estimat
     m, chunk = schedule.microbatches, cfg.n_layers // (stages * schedule.repeats)
     x = rows * seq_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize   # one microbatch's
     activations = x * (schedule.iterations + m * (3 if schedule.repeats > 1 else 2))
-    working = m * rows * seq_len * cfg.vocab_size * 4
     if saved_residuals is not None:
       working += chunk * _one_block_bytes(model, rows, seq_len)
     bubble, accumulating = schedule.bubble, False

@@ -23,7 +23,7 @@ from flax.training import train_state
 from compression import distill, early_exit, low_precision, qat, schedules
 from compression.early_exit import token_losses   # the one cross-entropy, shared with the exits
 from models import ModelConfig, Transformer, layouts, moe
-from models.transformer import attention_maps, block_outputs, capture_filter
+from models.transformer import attention_maps, block_outputs, capture_filter, output_logits
 from sharding import pipeline
 
 TrainState = train_state.TrainState
@@ -157,14 +157,28 @@ class PipelinedLmLoss:
     del rng   # router jitter is refused with a pipeline (pipeline.check)
     model, m = self.base.model, self.schedule.microbatches
     cfg = model.config
-    logits, state = model.apply(
+    x_BxLxD, state = model.apply(
         {'params': params}, batch['inputs'], positions=batch['positions'],
         segment_ids=batch['segment_ids'], mutable=['moe'],
         layers_fn=pipeline.layers_fn(cfg, self.schedule, params))
-    total, sums = self.base.totals(logits, 0.0, {}, batch)
+
+    # The head and the loss a microbatch at a time, rematerialised: one microbatch's logits
+    # live at once, as under gradient accumulation, not the whole batch's.
+    @jax.checkpoint
+    def head(carry, mb):
+      ce, z = token_losses(output_logits(cfg, params, mb['x']), mb['targets'],
+                           self.base.z_loss)
+      w = mb['weights']
+      return jax.tree.map(jnp.add, carry, (jnp.sum((ce + z) * w), jnp.sum(ce * w),
+                                           jnp.sum(z * w))), None
+
+    micro = {k: pipeline.microbatched(v, m) for k, v in
+             dict(x=x_BxLxD, targets=batch['targets'], weights=batch['weights']).items()}
+    (total, ce, z), _ = jax.lax.scan(head, (jnp.float32(0),) * 3, micro)
+    tokens = jnp.sum(micro['weights'], axis=(1, 2))
+    sums = dict(ce=ce, z=z, tokens=jnp.sum(tokens))
     if cfg.n_experts:   # the router losses of each microbatch, weighted by its tokens
       stats = state['moe']['pipeline'][0]   # {name: [M, R, ...]}
-      tokens = jnp.sum(pipeline.microbatched(batch['weights'], m), axis=(1, 2))
       for i in range(m):
         router, metrics = moe.router_loss({'stats': jax.tree.map(lambda a: a[i], stats)}, cfg)
         total += tokens[i] * router

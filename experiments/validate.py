@@ -244,10 +244,18 @@ def check_mesh(config) -> None:
                     f'the {split} batch shards of the mesh')
   if shape[sharding.STAGE] > 1:
     _check_pipeline(config, shape[sharding.STAGE])
-    if config.eval_batch_size % (split * accum):   # evaluation runs the same microbatches
-      raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
-                      f'the {split} batch shards of the mesh times grad_accum_steps ({accum}) '
-                      f'with pipeline stages')
+
+
+def check_eval_batch(config) -> None:
+  """With pipeline stages evaluation runs the step's microbatches: its batch must divide."""
+  shape = sharding.mesh_shape(config.mesh, jax.device_count())
+  rules = sharding.rules_for(config.sharding_rules)
+  split = math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
+  accum = config.grad_accum_steps
+  if shape[sharding.STAGE] > 1 and config.eval_batch_size % (split * accum):
+    raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '
+                    f'the {split} batch shards of the mesh times grad_accum_steps ({accum}) '
+                    f'with pipeline stages')
 
 
 def _check_pipeline(config, stages: int) -> None:
@@ -279,6 +287,7 @@ def check(config, workdir, mode: str = 'train', resume: str = 'auto') -> None:
   check_kind(config, mode)
   check_fields(config)
   check_mesh(config)
+  check_eval_batch(config)
   data.check_available(config.data)
   workdir = epath.Path(workdir)
   if mode == 'train':

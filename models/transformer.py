@@ -74,7 +74,8 @@ class Transformer(nn.Module):
 
   `layers_fn(x, geometry) -> (x, extra)` replaces the blocks (cache-less calls of a scanned
   model): the pipeline (`sharding.pipeline`) runs them from parameters it holds itself, and
-  its `extra` (router statistics) is sown into 'moe' as 'pipeline'.
+  its `extra` (router statistics) is sown into 'moe' as 'pipeline'. The call then returns the
+  residual stream after the layers [B, L, D]; `output_logits` turns it into logits.
 
   MoE layers sow router statistics into the 'moe' collection: apply with `mutable=['moe']` to
   read them (`models.moe.summarize`), and pass `rngs={'jitter': key}` for router jitter.
@@ -92,8 +93,7 @@ class Transformer(nn.Module):
       start = 0 if cache is None else cache['index']
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
 
-    embed = Embed(cfg.vocab_size, cfg.d_model, axes.VOCAB, dtype, param_dtype, cfg.init_std,
-                  name='embed')
+    embed = _token_embedding(cfg)
     x_BxLxD = embed(tokens_BxL)
     if cfg.position == 'learned':
       x_BxLxD = x_BxLxD + Embed(cfg.max_len, cfg.d_model, axes.POSITION, dtype, param_dtype,
@@ -109,17 +109,11 @@ class Transformer(nn.Module):
       x_BxLxD, extra = layers_fn(x_BxLxD, geo)
       if extra:
         self.sow('moe', 'pipeline', extra)
+      return x_BxLxD   # the caller ends the forward (`output_logits`), a microbatch at a time
 
-    x_BxLxD = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')(x_BxLxD)
-    if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(x_BxLxD)
-    else:
-      logits_BxLxV = Linear((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,),
-                            dtype=dtype, param_dtype=param_dtype, init_std=cfg.init_std,
-                            name='lm_head')(x_BxLxD)
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
-                                              (axes.BATCH, axes.LENGTH, axes.VOCAB))
-    return logits_BxLxV if cache is None else (logits_BxLxV, new_cache)
+    norm, head = _output_modules(cfg, embed)
+    return (_logits(head(norm(x_BxLxD))) if cache is None
+            else (_logits(head(norm(x_BxLxD))), new_cache))
 
   def _layers(self, x_BxLxD, geo, cache, new_cache):
     cfg = self.config
@@ -139,6 +133,39 @@ class Transformer(nn.Module):
     if cache is not None:
       new_cache = dict(new_cache, k=tuple(ks), v=tuple(vs))
     return x_BxLxD, new_cache
+
+
+def _token_embedding(cfg: ModelConfig) -> Embed:
+  return Embed(cfg.vocab_size, cfg.d_model, axes.VOCAB, jnp.dtype(cfg.dtype),
+               jnp.dtype(cfg.param_dtype), cfg.init_std, name='embed')
+
+
+def _output_modules(cfg: ModelConfig, embed: Embed) -> tuple:
+  """(final norm, output head): bound to the model inside its call, standalone elsewhere."""
+  dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+  norm = Norm(cfg.norm, cfg.norm_eps, dtype, param_dtype, name='final_norm')
+  if cfg.tie_embeddings:
+    return norm, embed.attend
+  return norm, Linear((cfg.d_model,), (cfg.vocab_size,), (axes.EMBED,), (axes.VOCAB,),
+                      dtype=dtype, param_dtype=param_dtype, init_std=cfg.init_std,
+                      name='lm_head')
+
+
+def _logits(logits_BxLxV):
+  return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32),
+                                    (axes.BATCH, axes.LENGTH, axes.VOCAB))
+
+
+def output_logits(cfg: ModelConfig, params: dict, x_BxLxD: jax.Array) -> jax.Array:
+  """The end of `Transformer.__call__` on its own: the final norm and the output head of
+  `params` on the residual stream `x` -> float32 logits (the pipeline's head, run a
+  microbatch at a time)."""
+  norm, head = _output_modules(cfg, _token_embedding(cfg))
+  x_BxLxD = norm.apply({'params': params['final_norm']}, x_BxLxD)
+  if cfg.tie_embeddings:
+    return _logits(_token_embedding(cfg).apply({'params': params['embed']}, x_BxLxD,
+                                               method=Embed.attend))
+  return _logits(head.apply({'params': params['lm_head']}, x_BxLxD))
 
 
 def geometry(pos_BxL, segment_ids, cache, length, window=None):
