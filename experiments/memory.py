@@ -117,13 +117,9 @@ def estimate(config, model: Transformer, abstract_state, mesh, rules) -> Estimat
   seq_len, cfg = config.data.seq_len, model.config
   rows = config.batch_size // batch_shards(mesh, rules) // config.grad_accum_steps
   params = shard_bytes(abstract_state.params)
-  activations = _residual_bytes(model, _abstract_params(model, seq_len), rows, seq_len)
-  working = rows * seq_len * cfg.vocab_size * 4   # float32 gradient of the logits
-  if cfg.remat != 'none' and saved_residuals is not None:
-    working += _one_block_bytes(model, rows, seq_len)
-  tokens = config.batch_size * seq_len
+  working = rows * seq_len * cfg.vocab_size * 4   # float32 gradient of one microbatch's logits
   stages, bubble, accumulating = pipeline.stages_of(mesh), 0.0, config.grad_accum_steps > 1
-  if stages > 1:
+  if stages > 1:   # every pipeline iteration is rematerialised, whatever model.remat says
     schedule = pipeline.schedule_of(config.pipeline, stages, config.grad_accum_steps)
     m, chunk = schedule.microbatches, cfg.n_layers // (stages * schedule.repeats)
     x = rows * seq_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize   # one microbatch's
@@ -131,6 +127,11 @@ def estimate(config, model: Transformer, abstract_state, mesh, rules) -> Estimat
     if saved_residuals is not None:
       working += chunk * _one_block_bytes(model, rows, seq_len)
     bubble, accumulating = schedule.bubble, False
+  else:
+    activations = _residual_bytes(model, _abstract_params(model, seq_len), rows, seq_len)
+    if cfg.remat != 'none' and saved_residuals is not None:
+      working += _one_block_bytes(model, rows, seq_len)
+  tokens = config.batch_size * seq_len
   return Estimate(params=params, optimizer=shard_bytes(abstract_state.opt_state),
                   gradients=params * (2 if accumulating else 1),
                   activations=activations, working_set=working,

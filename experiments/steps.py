@@ -179,11 +179,10 @@ class PipelinedLmLoss:
     sums = dict(ce=ce, z=z, tokens=jnp.sum(tokens))
     if cfg.n_experts:   # the router losses of each microbatch, weighted by its tokens
       stats = state['moe']['pipeline'][0]   # {name: [M, R, ...]}
-      for i in range(m):
-        router, metrics = moe.router_loss({'stats': jax.tree.map(lambda a: a[i], stats)}, cfg)
-        total += tokens[i] * router
-        for k, v in metrics.items():
-          sums[k] = sums.get(k, 0.0) + tokens[i] * v
+      router, metrics = jax.vmap(lambda st: moe.router_loss({'stats': st}, cfg))(stats)
+      weigh = lambda v: jnp.tensordot(tokens, v, axes=1)   # sum over m of tokens[m] * v[m]
+      total += weigh(router)
+      sums.update({k: weigh(v) for k, v in metrics.items()})
     return total, sums
 
 

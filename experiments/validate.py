@@ -218,14 +218,19 @@ def _check_on_model(name: str, section, check, model_cfg) -> None:
     raise UserError(f'config.{name}.{e}' if field in section else f'config.{name}: {e}') from None
 
 
-def check_mesh(config) -> None:
-  """The mesh, the rules and how the batch and the experts divide over them."""
+def _mesh_and_batch_split(config) -> tuple:
+  """(mesh axis sizes, rules, how many ways the mesh splits the batch) of `config`."""
   try:
     shape = sharding.mesh_shape(config.mesh, jax.device_count())
     rules = sharding.rules_for(config.sharding_rules)
   except ValueError as e:
     raise UserError(str(e)) from None
-  split = math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
+  return shape, rules, math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
+
+
+def check_mesh(config) -> None:
+  """The mesh, the rules and how the batch and the experts divide over them."""
+  shape, rules, split = _mesh_and_batch_split(config)
   accum = config.grad_accum_steps
   if config.batch_size % (split * accum):
     raise UserError(f'config.batch_size={config.batch_size} must be divisible by the '
@@ -248,9 +253,7 @@ def check_mesh(config) -> None:
 
 def check_eval_batch(config) -> None:
   """With pipeline stages evaluation runs the step's microbatches: its batch must divide."""
-  shape = sharding.mesh_shape(config.mesh, jax.device_count())
-  rules = sharding.rules_for(config.sharding_rules)
-  split = math.prod(shape[a] for a in sharding.mesh_axes_of(rules, axes.BATCH))
+  shape, _, split = _mesh_and_batch_split(config)
   accum = config.grad_accum_steps
   if shape[sharding.STAGE] > 1 and config.eval_batch_size % (split * accum):
     raise UserError(f'config.eval_batch_size={config.eval_batch_size} must be divisible by '

@@ -160,11 +160,11 @@ def output_logits(cfg: ModelConfig, params: dict, x_BxLxD: jax.Array) -> jax.Arr
   """The end of `Transformer.__call__` on its own: the final norm and the output head of
   `params` on the residual stream `x` -> float32 logits (the pipeline's head, run a
   microbatch at a time)."""
-  norm, head = _output_modules(cfg, _token_embedding(cfg))
+  embed = _token_embedding(cfg)
+  norm, head = _output_modules(cfg, embed)
   x_BxLxD = norm.apply({'params': params['final_norm']}, x_BxLxD)
-  if cfg.tie_embeddings:
-    return _logits(_token_embedding(cfg).apply({'params': params['embed']}, x_BxLxD,
-                                               method=Embed.attend))
+  if cfg.tie_embeddings:   # the head is the embedding table's transpose
+    return _logits(embed.apply({'params': params['embed']}, x_BxLxD, method=Embed.attend))
   return _logits(head.apply({'params': params['lm_head']}, x_BxLxD))
 
 
