@@ -125,7 +125,7 @@ class Engine:
     # Entries one decode call writes: a speculative pass k + 1, else one per step.
     self.entries_per_call = self.draft_tokens + 1 if self.draft is not None else steps_per_call
     self.stats = dict(passes=0, slot_passes=0, proposed=0, accepted=0)
-    self._inflight = None                   # (tokens [n, B] on device, {slot: entry}) running
+    self._inflight = None   # (tokens [n, B] or [B], {slot: entry}, last tokens [B]) on device
     self.results: dict = {}
     self._waiting: list = []
     self._running: dict = {}                # slot -> _Entry
@@ -247,7 +247,7 @@ class Engine:
   def compiles(self) -> int:
     """Programs compiled so far by the slot programs (every engine in this process)."""
     fns = (slots_lib.prefill, slots_lib.insert, slots_lib.step, slots_lib.steps,
-           slots_lib.feed, slots_lib.resize, slots_lib.first_tokens, slots_lib.extract,
+           slots_lib.resize, slots_lib.first_tokens, slots_lib.extract,
            slots_lib.restore, speculative.speculate)
     return sum(f._cache_size() for f in fns)
 
@@ -351,23 +351,24 @@ class Engine:
       live, sampling, count = self._inputs(run)
       # Copies: a call may still read its NumPy inputs after dispatch, while the host moves on.
       tok, pos = self._tok.copy(), self._pos.copy()
-      if previous is not None:
+      fed, last = np.zeros(self.slots, bool), tok
+      if previous is not None:   # the previous call's last tokens, still on the device
         fed = np.array([previous[1].get(s) is run.get(s) for s in range(self.slots)]) & live
-        tok = slots_lib.feed(previous[0], tok, fed)
-      args = (self.params, self.cache, tok, pos, live, sampling, count)
+        last = previous[2]
+      args = (self.params, self.cache, tok, fed, last, pos, live, sampling, count)
       kwargs = dict(model=self.model, greedy=_all_greedy(run.values()))
       if n == 1:
-        new, self.cache = slots_lib.step(*args, **kwargs)
-        tokens = new[None]
+        tokens, self.cache = slots_lib.step(*args, **kwargs)
+        last = tokens
       else:
-        tokens, self.cache = slots_lib.steps(*args, n=n, **kwargs)
+        tokens, last, self.cache = slots_lib.steps(*args, n=n, **kwargs)
       for slot, entry in run.items():
         entry.span += n
         entry.in_flight += n
         self._pos[slot] += n
-      self._inflight = (tokens, run)
+      self._inflight = (tokens, run, last)
     if previous is not None:
-      tokens = np.asarray(previous[0])
+      tokens = np.asarray(previous[0]).reshape(-1, self.slots)   # [steps of the call, B]
       for slot, entry in sorted(previous[1].items()):
         entry.in_flight -= tokens.shape[0]
         if not entry.result.done:

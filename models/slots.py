@@ -16,7 +16,7 @@ longer ring costs as much as reading about four times its entries (XLA's CPU bac
 Every program is jitted once per shape: `prefill` once per prompt bucket, `insert` once per
 bucket and ring length, `step` once per ring length (twice with sampling, since greedy rows
 skip the sort that top-k and top-p need), `steps` (several decode steps in one program)
-likewise, `resize` once per pair of ring lengths, `feed`, `extract` and `restore` once per ring
+likewise, `resize` once per pair of ring lengths, `extract` and `restore` once per ring
 length.
 """
 
@@ -124,37 +124,35 @@ def first_tokens(logits_BxV, sampling: dict, *, greedy: bool):
   return choose(logits_BxV, sampling, jnp.zeros(logits_BxV.shape[:1], jnp.int32), greedy)
 
 
-@jax.jit
-def feed(tokens_NxB: jax.Array, tok_B: jax.Array, fed_B: jax.Array) -> jax.Array:
-  """The next call's input tokens: the last of a previous call's `tokens_NxB` where `fed_B`,
-  else `tok_B` (given by the host: a new or resumed request's last token)."""
-  return jnp.where(fed_B, tokens_NxB[-1], tok_B)
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'greedy'), donate_argnames=('cache',))
-def step(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
-         greedy: bool):
+def step(params, cache: dict, tok_B, fed_B, prev_B, pos_B, live_B, sampling: dict, count_B, *,
+         model, greedy: bool):
   """One decode step for every slot: (next token per slot [B], the cache after writing).
 
   `tok_B` are the slots' last tokens at positions `pos_B`; `count_B` how many each request has
-  made (its next token's key); slots where `live_B` is False write an empty entry.
+  made (its next token's key); slots where `live_B` is False write an empty entry. Where
+  `fed_B`, the last token is `prev_B` instead: the previous call's output, still on the device
+  (the engine starts a call before it reads the one before; choosing the tokens in a program
+  of their own would cost a dispatch more per call).
   """
+  tok_B = jnp.where(fed_B, prev_B, tok_B)
   logits_Bx1xV, cache = model.apply({'params': params}, tok_B[:, None], positions=pos_B[:, None],
                                     segment_ids=live_B.astype(jnp.int32)[:, None], cache=cache)
   return choose(logits_Bx1xV[:, 0], sampling, count_B, greedy), cache
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'greedy', 'n'), donate_argnames=('cache',))
-def steps(params, cache: dict, tok_B, pos_B, live_B, sampling: dict, count_B, *, model,
-          greedy: bool, n: int = 2):
-  """`n` decode steps in one program, each `step`'s: (tokens [n, B], the cache)."""
+def steps(params, cache: dict, tok_B, fed_B, prev_B, pos_B, live_B, sampling: dict, count_B, *,
+          model, greedy: bool, n: int = 2):
+  """`n` decode steps in one program, each `step`'s: (tokens [n, B], the last of them [B],
+  the cache)."""
   def one(carry, i):
     cache, tok_B = carry
-    new_B, cache = step(params, cache, tok_B, pos_B + i, live_B, sampling,
-                        count_B + i, model=model, greedy=greedy)
+    new_B, cache = step(params, cache, tok_B, fed_B & (i == 0), prev_B, pos_B + i, live_B,
+                        sampling, count_B + i, model=model, greedy=greedy)
     return (cache, new_B), new_B
-  (cache, _), tokens_NxB = jax.lax.scan(one, (cache, tok_B), jnp.arange(n))
-  return tokens_NxB, cache
+  (cache, last_B), tokens_NxB = jax.lax.scan(one, (cache, tok_B), jnp.arange(n))
+  return tokens_NxB, last_B, cache
 
 
 @jax.jit
