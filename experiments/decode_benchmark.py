@@ -33,10 +33,11 @@ from experiments import benchmark, quantize, steps
 from experiments.errors import UserError
 from experiments.engine import Engine
 from experiments.requests import Request
-from models import Transformer, decode, hf
+from models import Transformer, decode, hf, layers
 
 ROUNDS = 3
 PROMPT = 8
+PRODUCTS = 'weight products alone'
 
 
 def _tree(spec: str, model, params):
@@ -68,6 +69,45 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     jax.block_until_ready(total(x))
     best = min(best, time.perf_counter() - t0)
   return n_bytes / best
+
+
+# One decode step's weight products in a dense block, in the order the block runs them: each
+# group reads the previous group's output, and a group's products are independent of each other.
+_GROUPS = (('attn', ('query', 'key', 'value'), 1), ('attn', ('out',), 2),
+           ('mlp', ('gate', 'up'), 1), ('mlp', ('down',), 1))
+
+
+def products(model, params, batch: int, n_steps: int):
+  """A function decoding nothing that runs `n_steps` steps of the model's weight products
+  alone, for `batch` rows: every block's kernels and the output head through the seam
+  (`models.layers.dot`), with the block's order and independence, in one jitted loop as
+  `generate` runs its steps. No norms, attention, cache or sampling: its time is what the
+  backend's products cost, the floor of a decode step. None for MoE blocks."""
+  cfg = model.config
+  if cfg.n_experts or cfg.scan_layers:
+    return None
+  dtype = jnp.dtype(cfg.dtype)
+
+  def join(main, others):   # main, made to depend on the others at the cost of one add
+    for o in others:
+      main = main + o.reshape(o.shape[0], -1)[:, :1].reshape((-1,) + (1,) * (main.ndim - 1))
+    return main
+
+  def one_step(p, i, x_BxD):
+    x = x_BxD
+    for layer in range(cfg.n_layers):
+      block = p[f'blocks_{layer % cfg.n_unique_layers}']
+      for module, names, n_contract in _GROUPS:
+        outs = [layers.dot(x, block[module][n]['kernel'], n_contract, dtype)
+                for n in names if n in block[module]]
+        x = join(outs[0], outs[1:])
+    head = (layers.dot(x, p['embed']['embedding'], 1, dtype, transpose_w=True)
+            if cfg.tie_embeddings else layers.dot(x, p['lm_head']['kernel'], 1, dtype))
+    return x_BxD + 1e-30 * jnp.max(head, axis=-1, keepdims=True)
+
+  run = jax.jit(lambda p, x: jax.lax.fori_loop(0, n_steps, functools.partial(one_step, p), x))
+  x = jnp.ones((batch, cfg.d_model), dtype)
+  return lambda: run(params, x)
 
 
 def _engine_gen(model, params, prompts, n_steps, per_call: int = 1):
@@ -130,10 +170,14 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
     reference = np.asarray(decode.generate(model, params, prompts, max_new_tokens=n_steps).tokens)
     for v in variants:   # compile and warm up
       same[v, b] = int(np.sum(np.all(np.asarray(gens[v]()) == reference, axis=1)))
+    floor = products(model, params, b, n_steps)
+    if floor is not None:
+      jax.block_until_ready(floor())
+      gens[PRODUCTS], times[PRODUCTS, b] = floor, []
     for _ in range(ROUNDS):
-      for v in variants:
+      for v, gen in gens.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(gens[v]())
+        jax.block_until_ready(gen())
         times[v, b].append(time.perf_counter() - t0)
   if tmp is not None:
     tmp.cleanup()
@@ -146,15 +190,22 @@ def run(config, n_steps: int, batch_sizes, variants, vocab_size: int = 0) -> str
            f'weights once per step allows at most {bandwidth / float_bytes:,.1f} steps/s '
            f'(the roofline).', '',
            '| variant | weight MB | batch | ms per token step | tokens/s | vs float | of roofline '
-           '| same tokens as float |', '|---|---|---|---|---|---|---|---|']
+           '| of products alone | same tokens as float |', '|---|---|---|---|---|---|---|---|---|']
   for b in batch_sizes:
     base = np.median(times['float' if 'float' in variants else variants[0], b])
-    for v in variants:
+    floor = np.median(times[PRODUCTS, b]) if (PRODUCTS, b) in times else None
+    for v in list(variants) + ([PRODUCTS] if floor is not None else []):
       t = float(np.median(times[v, b]))
       roofline = (n_steps / t) / (bandwidth / float_bytes)
-      lines.append(f'| {v} | {quantize_lib.weight_bytes(trees[v]) / 2**20:,.1f} | {b} | '
-                   f'{1e3 * t / n_steps:.2f} | {b * n_steps / t:,.1f} | {base / t:.2f}x | '
-                   f'{100 * roofline:.0f}% | {same[v, b]}/{b} |')
+      weights = quantize_lib.weight_bytes(trees.get(v, params)) / 2**20
+      lines.append(f'| {v} | {weights:,.1f} | {b} | {1e3 * t / n_steps:.2f} | '
+                   f'{b * n_steps / t:,.1f} | {base / t:.2f}x | {100 * roofline:.0f}% | '
+                   + (f'{100 * floor / t:.0f}% | ' if floor is not None else '| ')
+                   + (f'{same[v, b]}/{b} |' if v != PRODUCTS else '|'))
+  if any(v == PRODUCTS for v, _ in times):
+    lines += ['', f'"{PRODUCTS}": the float model\'s weight products for one step each, in the '
+              f'blocks\' order and nothing else (`products`), timed in the same rounds; a '
+              f'decode step cannot be faster than they are on this backend.']
   return '\n'.join(lines) + '\n'
 
 

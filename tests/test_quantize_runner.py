@@ -5,6 +5,7 @@ saved variants read back by --mode=eval and --mode=sample --variant (experiments
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +14,12 @@ import pytest
 from compression import paths, qtensor
 from compression import quantize as quantize_lib
 from experiments import decode_benchmark, quantize, runners, runtime, saved
+from experiments import steps as steps_lib
 from experiments import source as source_lib
 from experiments.configs import prune as prune_configs
 from experiments.configs import quantize as quantize_configs
 from experiments.errors import UserError
+from models import Transformer
 from tests.runs import snapshot, tiny_config, tree_digest
 
 
@@ -100,8 +103,23 @@ def test_decode_benchmark_times_float_and_quantized_weights(data_dir):
   assert len(rows) == 3 and all(' | 2/2 |' in r or ' | 1/2 |' in r or ' | 0/2 |' in r
                                 for r in rows)
   assert rows[0].endswith('| 2/2 |') and 'GB/s' in text
+  floor = [l for l in text.splitlines() if l.startswith(f'| {decode_benchmark.PRODUCTS} |')]
+  assert len(floor) == 1 and '| 100% |' in floor[0]
   with pytest.raises(UserError, match='needs calibration data'):
     decode_benchmark.run(tiny_config(data_dir), 3, (1,), ('float', 'gptq:int4'))
+
+
+def test_the_products_floor_runs_each_weight_once_per_step(data_dir):
+  # Every kernel and the tied head: one dot each in the loop body, whatever the block's layout.
+  config = tiny_config(data_dir)
+  model = Transformer(steps_lib.model_config(config, 64).replace(scan_layers=False))
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  kernels = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)
+             if jax.tree_util.keystr(p).endswith("['kernel']")]
+  lowered = jax.jit(decode_benchmark.products(model, params, 2, 3)).lower().as_text()
+  assert lowered.count('stablehlo.dot_general') == len(kernels) + model.config.tie_embeddings
+  assert decode_benchmark.products(model.clone(config=model.config.replace(n_experts=4)),
+                                   params, 2, 3) is None
 
 
 def test_the_engine_and_transformers_decode_the_same_exported_model_side_by_side(data_dir):
