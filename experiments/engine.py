@@ -87,9 +87,12 @@ class Engine:
     clock: the time source for the results' timestamps.
     draft: (model, params) of a draft model for speculative decoding (same vocabulary), or None.
     draft_tokens: proposals per speculative pass (k).
-    steps_per_call: decode steps run in one program between two admissions (1: admit and
-      stream every step). More steps spare the host's per-step work; a request that ends
-      mid-call wastes the rest of the call on its slot, and arrivals wait up to that long.
+    steps_per_call: the most decode steps run in one program between two admissions (1:
+      admit and stream every step). More steps spare the host's per-step work. A call stops
+      where the first of its requests reaches its token limit (its steps are that many
+      rounded down to a power of two, so that few programs are compiled), so a slot frees on
+      time; a request that ends on a stop token mid-call wastes the rest of the call's steps on
+      its slot.
   """
 
   def __init__(self, model, params, *, slots: int = 8, max_len: Optional[int] = None,
@@ -193,12 +196,10 @@ class Engine:
     if isinstance(request, dict):
       request = Request.from_dict(request)
     request = dataclasses.replace(request, id=rid)
-    # A call of several steps may run its slot up to steps_per_call - 1 entries past the end.
-    overshoot = self.steps_per_call - 1
-    check(request, self.model.config.vocab_size, self.max_len - overshoot,
+    check(request, self.model.config.vocab_size, self.max_len,
           self.bucket(len(request.prompt)), self.entries_per_token)
     # A speculative pass scores positions up to k past the request's last token.
-    span = len(request.prompt) + request.max_new_tokens + self.draft_tokens + overshoot
+    span = len(request.prompt) + request.max_new_tokens + self.draft_tokens
     for m in (self.model, self.draft):
       if m is not None and m.config.position == 'learned' and span > m.config.max_len:
         raise ValueError(f'prompt of {len(request.prompt)} tokens plus max_new_tokens='
@@ -343,11 +344,12 @@ class Engine:
     if self.draft is not None:
       return self._speculate(events)
     previous, self._inflight = self._inflight, None
-    n = self.steps_per_call
     # A request whose last tokens are already in flight needs no further call.
-    run = {s: e for s, e in self._running.items()
-           if len(e.result.tokens) + e.in_flight < e.request.max_new_tokens}
+    left = {s: e.request.max_new_tokens - len(e.result.tokens) - e.in_flight
+            for s, e in self._running.items()}
+    run = {s: e for s, e in self._running.items() if left[s] > 0}
     if run:
+      n = 1 << (min(self.steps_per_call, *(left[s] for s in run)).bit_length() - 1)
       live, sampling, count = self._inputs(run)
       # Copies: a call may still read its NumPy inputs after dispatch, while the host moves on.
       tok, pos = self._tok.copy(), self._pos.copy()

@@ -1,6 +1,7 @@
 """The serving engine: every request's output as if decoded alone, whatever the batching."""
 
 import dataclasses
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -332,3 +333,25 @@ def test_several_steps_per_call_make_the_same_tokens(name):
   assert {k: v.tokens for k, v in four.items()} == {k: v.tokens for k, v in one.items()}
   with pytest.raises(ValueError, match='steps_per_call=0 must be an integer >= 1'):
     Engine(model, params, slots=2, max_len=40, steps_per_call=0)
+
+
+def test_a_call_of_several_steps_stops_at_the_first_token_limit():
+  # Limits 3 and 9 with up to 8 steps per call: calls of 2 and 1 steps (the first request's 3
+  # tokens, its first made by the prefill), then 4 and 2 for the second; nothing runs past a
+  # limit, so a request filling the whole cache is served as with one step per call.
+  model, params = build('llama_gqa')
+  engine = Engine(model, params, slots=2, max_len=8 + MOST, buckets=(8,), steps_per_call=8)
+  calls = []
+  original = slots_lib.steps
+
+  def counted(*args, n, **kwargs):
+    calls.append(n)
+    return original(*args, n=n, **kwargs)
+  requests = [Request(prompt=[5, 6, 7], max_new_tokens=3, id='a'),
+              Request(prompt=[8, 9], max_new_tokens=9, id='b'),
+              Request(prompt=list(range(1, 9)), max_new_tokens=MOST, id='full')]
+  with mock.patch.object(slots_lib, 'steps', counted):
+    results = engine.run(requests[:2])
+  assert calls == [2, 4, 2] and results['a'].tokens == expected('llama_gqa', requests[0])
+  assert results['b'].tokens == expected('llama_gqa', requests[1])
+  assert engine.run([requests[2]])['full'].tokens == expected('llama_gqa', requests[2])
