@@ -35,7 +35,7 @@ from experiments.engine import Engine
 from experiments.requests import Request
 from models import Transformer, decode, hf, layers
 
-ROUNDS = 3
+ROUNDS = 5
 PROMPT = 8
 PRODUCTS = 'weight products alone'
 
