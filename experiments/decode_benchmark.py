@@ -111,7 +111,7 @@ def products(model, params, batch: int, n_steps: int):
 
 
 def _engine_gen(model, params, prompts, n_steps, per_call: int = 1):
-  engine = Engine(model, params, slots=len(prompts), max_len=PROMPT + n_steps + per_call - 1,
+  engine = Engine(model, params, slots=len(prompts), max_len=PROMPT + n_steps,
                   buckets=(PROMPT,), steps_per_call=per_call)
   requests = [Request(prompt=p, max_new_tokens=n_steps, id=str(i)) for i, p in enumerate(prompts)]
 
