@@ -2,8 +2,11 @@
 
 import faulthandler
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # No persistent compilation cache: it saved about a third of the suite's time, but writing an
@@ -26,6 +29,10 @@ _CONFIG = {}
 # stack and exits: a hang then fails that test, under xdist through the crash rerun below,
 # instead of stalling the suite. Native code cannot block this (faulthandler's own thread).
 TEST_TIME_LIMIT = int(os.environ.get('FRUGAL_TEST_TIME_LIMIT', '900'))
+# Seconds the xdist controller may go without a test report before it ends the stall itself
+# (`_watch`): more than a test's limit and its crash rerun's together.
+STALL_LIMIT = int(os.environ.get('FRUGAL_STALL_LIMIT', str(2 * TEST_TIME_LIMIT + 300)))
+_PROGRESS = dict(last=time.monotonic(), collected=set(), reported=set(), failed=False)
 
 
 def pytest_configure(config):
@@ -37,6 +44,67 @@ def pytest_configure(config):
     _CONFIG['stderr'] = os.dup(stream.fileno())
   except (AttributeError, ValueError, OSError):
     _CONFIG['stderr'] = os.dup(sys.__stderr__.fileno())
+
+
+def pytest_sessionstart(session):
+  config = session.config
+  if not hasattr(config, 'workerinput') and getattr(config.option, 'numprocesses', None):
+    threading.Thread(target=_watch, daemon=True).start()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+  _PROGRESS['collected'].update(ids)
+
+
+def pytest_runtest_logreport(report):
+  _PROGRESS['last'] = time.monotonic()
+  if report.when != 'setup' or not report.passed:   # a test that only started is not done
+    _PROGRESS['reported'].add(report.nodeid)
+  _PROGRESS['failed'] |= report.failed
+
+
+def _watch():
+  """Ends an xdist run that has stalled: no test reported for STALL_LIMIT seconds.
+
+  After a worker crash, xdist's file scheduling twice left both workers idle, each holding its
+  last test, and the controller waiting on them until CI's limit. Here the workers are stopped,
+  the tests never reported run in one fresh serial process, and the run exits with its verdict
+  (failed if anything failed before or there)."""
+  while time.monotonic() - _PROGRESS['last'] < STALL_LIMIT:
+    time.sleep(min(30, STALL_LIMIT / 4))
+  missing = sorted(_PROGRESS['collected'] - _PROGRESS['reported'])
+  write = lambda line: os.write(_CONFIG['stderr'], (line + '\n').encode())
+  write(f'\nno test reported for {STALL_LIMIT} s: {len(missing)} tests never reported run '
+        f'again in one fresh process, then the workers are stopped')
+  rc = 0
+  if missing:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                          *missing], cwd=root, capture_output=True, text=True)
+    write(run.stdout[-20000:] + run.stderr[-5000:])
+    rc = run.returncode
+  verdict = 1 if _PROGRESS['failed'] or rc else 0
+  write(f'the stalled run ends with exit {verdict}')
+  for pid in _children():
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except OSError:
+      pass
+  os._exit(verdict)
+
+
+def _children():
+  """The pids of this process's children (the xdist workers)."""
+  pids = []
+  for entry in os.listdir('/proc'):
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        if int(f.read().rsplit(')', 1)[1].split()[1]) == os.getpid():
+          pids.append(int(entry))
+    except (OSError, ValueError, IndexError):
+      pass
+  return pids
 
 
 @pytest.hookimpl(wrapper=True)
@@ -57,6 +125,7 @@ def pytest_handlecrashitem(crashitem, report, sched):
   under the same limit, and the crash is printed; a test that fails there, crashes again or
   hangs again still fails."""
   del sched   # `--dist loadfile` cannot reschedule a single test
+  _PROGRESS['last'] = time.monotonic()
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   limit = TEST_TIME_LIMIT
   cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', crashitem]

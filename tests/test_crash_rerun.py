@@ -27,3 +27,17 @@ def test_a_crashed_worker_s_test_is_judged_by_one_fresh_run(tmp_path, crashes, h
     assert 'crash_case.py", line 19 in test_crashes_while_the_count_lasts' in out, out[-3000:]
   assert counter.read_text() == '0'
   assert (run.returncode == 0) == (crashes == 1)
+
+
+def test_a_stalled_run_ends_with_the_unreported_tests_run_again(tmp_path):
+  # No report for 15 s: both tests run again in one fresh process, then the workers stop.
+  counter = tmp_path / 'hangs'
+  counter.write_text('1')
+  run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-n', '1', '-p', 'no:cacheprovider',
+                        'tests/stall_case.py'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, 'FRUGAL_CRASHES': str(counter),
+                                         'FRUGAL_STALL_LIMIT': '15'})
+  out = run.stdout + run.stderr
+  assert 'no test reported for 15 s: 2 tests never reported run again' in out, out[-3000:]
+  assert '2 passed' in out and 'the stalled run ends with exit 0' in out, out[-3000:]
+  assert run.returncode == 0 and counter.read_text() == '0'
