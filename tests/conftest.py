@@ -68,9 +68,10 @@ def _watch():
   """Ends an xdist run that has stalled: no test reported for STALL_LIMIT seconds.
 
   After a worker crash, xdist's file scheduling twice left both workers idle, each holding its
-  last test, and the controller waiting on them until CI's limit. Here the workers are stopped,
-  the tests never reported run in one fresh serial process, and the run exits with its verdict
-  (failed if anything failed before or there)."""
+  last test, and the controller waiting on them until CI's limit. Here the tests never reported
+  run in one fresh serial process, then the workers are stopped (stopped first, xdist would take
+  them for crashed and start others), and the run exits with the verdict of everything (failed
+  if anything failed before or there)."""
   while time.monotonic() - _PROGRESS['last'] < STALL_LIMIT:
     time.sleep(min(30, STALL_LIMIT / 4))
   missing = sorted(_PROGRESS['collected'] - _PROGRESS['reported'])
