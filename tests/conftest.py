@@ -30,8 +30,8 @@ _CONFIG = {}
 # instead of stalling the suite. Native code cannot block this (faulthandler's own thread).
 TEST_TIME_LIMIT = int(os.environ.get('FRUGAL_TEST_TIME_LIMIT', '900'))
 # Seconds the xdist controller may go without a test report before it ends the stall itself
-# (`_watch`): more than a test's limit and its crash rerun's together.
-STALL_LIMIT = int(os.environ.get('FRUGAL_STALL_LIMIT', str(2 * TEST_TIME_LIMIT + 300)))
+# (`_watch`): more than a test's limit, or a crash rerun's (a crash counts as a report).
+STALL_LIMIT = int(os.environ.get('FRUGAL_STALL_LIMIT', str(TEST_TIME_LIMIT + 300)))
 _PROGRESS = dict(last=time.monotonic(), collected=set(), reported=set(), failed=False)
 
 
