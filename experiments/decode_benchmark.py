@@ -12,7 +12,8 @@ alternating rounds (median over rounds), so a slow spell of the machine hits all
 and each one's tokens are compared with float `generate`'s. Decoding a batch of a few rows
 reads every weight once per token: its speed is the weight bytes' speed, and the table's
 roofline is the float weights' bytes over the machine's read bandwidth (measured in the same
-run by summing a large array).
+run by summing a large array). A second floor, timed in the same rounds, is the model's weight
+products alone (`products`): what the backend's matrix products cost, whatever else a step does.
 
   python -m experiments.main --mode=decode_benchmark --config=experiments/configs/shakespeare.py \
       --config.model.d_model=1024 --config.model.n_layers=8 --config.model.d_ff=4096 \
